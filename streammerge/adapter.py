@@ -1,0 +1,288 @@
+"""Reading PEFT LoRA adapters: config, tensor locations, and per-module rank/alpha/scaling."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import AdapterError
+from .source import DTYPES, TORCH_TO_ST, Reader, TensorRef, parse_header, read_json
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."
+#: ``init_lora_weights`` values for which PEFT rewrites the base weights when the adapter loads.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
+    r"|token_adapter\.trainable_tokens_delta)(?:\.(?P<name>(?!(?:weight|bias)$)[^.]+))?(?:\.(?P<param>weight|bias))?$"
+)
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """The LoRA tensors and hyper-parameters PEFT would give one wrapped module."""
+
+    module: str  # module path as PEFT names it, e.g. "model.layers.0.self_attn.q_proj"
+    kind: str  # "linear" | "embedding"
+    a: TensorRef
+    b: TensorRef
+    r: int
+    alpha: float
+    scaling: float
+    fan_in_fan_out: bool
+    bias: TensorRef | None = None  # lora_B.bias (lora_bias=True)
+    magnitude: TensorRef | None = None  # DoRA
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """Trainable tokens: rows ``indices`` of ``module``'s weight are replaced by ``values``."""
+
+    module: str
+    indices: tuple[int, ...]
+    values: TensorRef
+
+
+@dataclass
+class Adapter:
+    """One PEFT LoRA adapter on disk, indexed (no tensor data read except for small checks)."""
+
+    path: str
+    weights_file: str
+    weight: float
+    config: dict
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    replacements: dict[str, TensorRef] = field(default_factory=dict)  # base-named tensor -> full tensor
+    tokens: dict[str, TokenDelta] = field(default_factory=dict)
+    tensors: dict[str, TensorRef] = field(default_factory=dict)  # every tensor in the file, by key
+    used_keys: set[str] = field(default_factory=set)
+
+    @property
+    def label(self) -> str:
+        return self.path if self.weight == 1.0 else f"{self.path}:{self.weight:g}"
+
+
+def find_adapter_dir(path: Path) -> Path:
+    """The directory holding ``adapter_config.json``: PATH itself or its single named subfolder."""
+    if not path.is_dir():
+        raise AdapterError(f"{path}: adapter directory not found", hint="pass a PEFT adapter directory")
+    if (path / CONFIG_NAME).is_file():
+        return path
+    subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
+    if len(subs) == 1:
+        return subs[0]
+    if len(subs) > 1:
+        raise AdapterError(
+            f"{path}: holds several named adapters ({', '.join(p.name for p in subs)})",
+            hint=f"pass one of them, e.g. {subs[0]}",
+        )
+    raise AdapterError(f"{path}: no {CONFIG_NAME}", hint="pass the directory PEFT's save_pretrained wrote")
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: first key that matches a dot-bounded suffix wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _check_config(cfg: dict, path: Path) -> None:
+    where = path / CONFIG_NAME
+
+    def fail(msg: str, hint: str | None = None):
+        raise AdapterError(f"{where}: {msg}", hint=hint)
+
+    ptype = cfg.get("peft_type", "LORA")
+    if not isinstance(ptype, str) or ptype.upper() != "LORA":
+        fail(
+            f"adapter type {ptype!r} is not supported; streammerge merges LoRA adapters (peft_type LORA)",
+            "merge other adapter types with PEFT's merge_and_unload",
+        )
+    for key, typ in (("r", int), ("lora_alpha", (int, float))):
+        v = cfg.get(key)
+        if not isinstance(v, typ) or isinstance(v, bool) or v <= 0:
+            fail(f"{key!r} must be a positive number, found {v!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        v = cfg.get(key) or {}
+        if not isinstance(v, dict) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v.values()
+        ):
+            fail(f"{key!r} must map module patterns to positive numbers, found {v!r}")
+        for k in v:
+            try:
+                re.compile(k)
+            except re.error as e:
+                fail(f"{key!r} key {k!r} is not a valid regular expression ({e})")
+    for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
+        v = cfg.get(key, False)
+        if v is not None and not isinstance(v, bool):
+            fail(f"{key!r} must be true or false, found {v!r}")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        fail(
+            f"init_lora_weights={init!r}: PEFT rewrites the base weights when this adapter loads, "
+            "so merging it onto the original base from files would give a wrong model",
+            "convert it to a plain LoRA first (PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)"
+            ", which writes init_lora_weights=true)",
+        )
+    refusals = {
+        "alora_invocation_tokens": "aLoRA (activated LoRA) only applies after its invocation tokens; it has no merged form",
+        "layer_replication": "layer_replication builds new layers at load time; it cannot be merged from files",
+        "target_parameters": "target_parameters (LoRA on fused 3-D parameters such as MoE experts) is not supported yet",
+        "megatron_config": "Megatron-parallel LoRA layers are not supported",
+        "arrow_config": "Arrow routes between several LoRA experts per token; it has no single merged form",
+        "kasa_config": "KaSA changes the base weights' singular values; it is not supported",
+        "monteclora_config": "MonteCLoRA is a variational LoRA variant; it is not supported",
+        "velora_config": "VeLoRA is not supported",
+        "use_bdlora": "block-diagonal LoRA is not supported",
+    }
+    for key, why in refusals.items():
+        if cfg.get(key):
+            fail(f"{key} is set: {why}", "merge this adapter with PEFT's merge_and_unload")
+    if cfg.get("use_qalora"):
+        fail("use_qalora is set: QA-LoRA pools inputs and has no plain merged form here")
+    bias = cfg.get("bias", "none")
+    if bias not in ("none", "all", "lora_only"):
+        fail(f"'bias' must be none, all or lora_only, found {bias!r}")
+
+
+def _load_weights(adir: Path, reader: Reader) -> tuple[str, dict[str, TensorRef]]:
+    st = adir / WEIGHT_NAMES[0]
+    if st.is_file():
+        header = parse_header(st, error_cls=AdapterError)
+        return str(st), dict(header.tensors)
+    pt = adir / WEIGHT_NAMES[1]
+    if pt.is_file():
+        try:
+            sd = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for bad pickles
+            raise AdapterError(
+                f"{pt}: cannot be read safely as a tensor dict ({type(e).__name__}: {e})",
+                hint="re-save the adapter with safetensors (PEFT's default)",
+            ) from None
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+            raise AdapterError(f"{pt}: must hold a dict of tensors")
+        refs = {}
+        for k, v in sd.items():
+            if v.dtype not in TORCH_TO_ST:
+                raise AdapterError(f"{pt}: tensor {k!r} has unsupported dtype {v.dtype}")
+            v = v.contiguous()
+            sd[k] = v
+            st_dtype = TORCH_TO_ST[v.dtype]
+            refs[k] = TensorRef(k, str(pt), st_dtype, tuple(v.shape), -1, v.numel() * DTYPES[st_dtype][0])
+        reader.register_pickled(str(pt), sd)
+        return str(pt), refs
+    raise AdapterError(
+        f"{adir}: no {WEIGHT_NAMES[0]} or {WEIGHT_NAMES[1]}",
+        hint="the adapter directory must hold the weights PEFT's save_pretrained wrote",
+    )
+
+
+def _normalize(key: str) -> str:
+    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+
+
+def _token_indices(cfg: dict, module: str, where: Path) -> tuple[int, ...]:
+    spec = cfg.get("trainable_token_indices")
+    if isinstance(spec, list):
+        indices = spec
+    elif isinstance(spec, dict):
+        indices = _pattern_value({re.escape(k): v for k, v in spec.items()}, module, None)
+        if indices is None:
+            raise AdapterError(
+                f"{where}: trainable tokens stored for {module!r} but trainable_token_indices names no such module",
+                hint=f"trainable_token_indices keys: {', '.join(spec)}",
+            )
+    else:
+        raise AdapterError(
+            f"{where}: trainable tokens stored for {module!r} but trainable_token_indices is missing",
+        )
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+        raise AdapterError(f"{where}: trainable_token_indices must be non-negative integers, found {indices!r}")
+    return tuple(indices)
+
+
+def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapter:
+    """Index an adapter directory; validate its config and group its keys per module."""
+    adir = find_adapter_dir(Path(path))
+    cfg = read_json(adir / CONFIG_NAME, CONFIG_NAME, AdapterError)
+    _check_config(cfg, adir)
+    wfile, refs = _load_weights(adir, reader)
+    ad = Adapter(str(adir), wfile, weight, cfg, tensors=refs)
+    r0, alpha0 = cfg["r"], cfg["lora_alpha"]
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    parts: dict[str, dict[str, TensorRef]] = {}
+    for key, ref in refs.items():
+        m = _LORA_KEY.match(_normalize(key))
+        if m is None:
+            name = _normalize(key)
+            name = re.sub(r"\.base_layer(?=\.)", "", name)
+            name = re.sub(r"\.modules_to_save\.[^.]+(?=\.)", "", name)
+            if name in ad.replacements:
+                raise AdapterError(f"{wfile}: two tensors replace {name!r} (second: {key!r})")
+            ad.replacements[name] = ref
+            continue
+        part = m["part"] + (".bias" if m["param"] == "bias" else "")
+        slot = parts.setdefault(m["module"], {})
+        if part in slot:
+            raise AdapterError(
+                f"{wfile}: module {m['module']!r} has two {part} tensors ({slot[part].name!r}, {key!r})",
+                hint="the file holds several adapters; save each adapter on its own",
+            )
+        slot[part] = ref
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+    rslora = bool(cfg.get("use_rslora", False))
+    for module, slot in parts.items():
+        if "token_adapter.trainable_tokens_delta" in slot:
+            ref = slot.pop("token_adapter.trainable_tokens_delta")
+            ad.tokens[module] = TokenDelta(module, _token_indices(cfg, module, adir), ref)
+            if not slot:
+                continue
+        if "lora_A" in slot or "lora_B" in slot:
+            kind, ka, kb = "linear", "lora_A", "lora_B"
+        elif "lora_embedding_A" in slot or "lora_embedding_B" in slot:
+            kind, ka, kb = "embedding", "lora_embedding_A", "lora_embedding_B"
+        else:
+            raise AdapterError(
+                f"{wfile}: module {module!r} has {', '.join(slot)} but no lora_A/lora_B",
+                hint="the adapter file is incomplete",
+            )
+        missing = [k for k in (ka, kb) if k not in slot]
+        if missing:
+            raise AdapterError(f"{wfile}: module {module!r} lacks {' and '.join(missing)}", hint="the adapter file is incomplete")
+        a, b = slot.pop(ka), slot.pop(kb)
+        bias = slot.pop("lora_B.bias", None)
+        magnitude = slot.pop("lora_magnitude_vector", None)
+        if slot:
+            raise AdapterError(f"{wfile}: module {module!r} has unexpected tensors: {', '.join(v.name for v in slot.values())}")
+        if len(a.shape) != 2 or len(b.shape) != 2:
+            raise AdapterError(
+                f"{wfile}: {a.name} {list(a.shape)} and {b.name} {list(b.shape)} must both be 2-D",
+                hint="convolutional LoRA layers are not supported",
+            )
+        r = int(_pattern_value(rank_pattern, module, r0))
+        alpha = _pattern_value(alpha_pattern, module, alpha0)
+        rank = a.shape[0]
+        if b.shape[1] != rank or rank != r:
+            raise AdapterError(
+                f"{wfile}: module {module!r}: {a.name} {list(a.shape)} and {b.name} {list(b.shape)} "
+                f"do not have rank r={r} from {CONFIG_NAME}",
+                hint="the config does not belong to these weights (check r and rank_pattern)",
+            )
+        for t in (a, b, bias, magnitude):
+            if t is not None and t.dtype not in ("F16", "BF16", "F32", "F64"):
+                raise AdapterError(f"{wfile}: {t.name} has dtype {t.dtype}; LoRA tensors must be floating point")
+        scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        ad.modules[module] = LoraModule(
+            module, kind, a, b, r, alpha, scaling, fan_in_fan_out and kind == "linear", bias, magnitude
+        )
+    if not refs:
+        raise AdapterError(f"{wfile}: holds no tensors")
+    return ad

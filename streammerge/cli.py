@@ -1,0 +1,260 @@
+"""Command line: argparse, logging, progress, ``--json``; maps exceptions to exit codes.
+
+The only module that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import StreamMergeError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EPILOG = """\
+exit codes:
+  0    success
+  1    streammerge error: bad input, adapter/base mismatch, non-finite values, I/O failure
+  2    usage error (bad arguments)
+  130  interrupted (Ctrl-C); nothing is left at OUT
+
+examples:
+  streammerge merge ./Llama-3-8B ./my-lora ./Llama-3-8B-merged
+  streammerge merge ./base ./lora ./out --dtype bf16 --shard-size 2GB --json
+  streammerge merge ./base ./lora-a:0.7 ./out --adapter ./lora-b:0.3
+  streammerge merge ./base ./lora ./out --dry-run
+  streammerge inspect ./my-lora
+"""
+
+
+def _size_arg(text: str) -> int:
+    from .run import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="streammerge",
+        description="Merge LoRA adapters into safetensors checkpoints out of core, exactly as PEFT does.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"streammerge {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    m = sub.add_parser(
+        "merge",
+        help="merge adapter(s) into a base checkpoint",
+        description="Merge one or more PEFT LoRA adapters into BASE and write a merged checkpoint to OUT.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("base", metavar="BASE", help="Hugging Face model directory (config.json + safetensors)")
+    m.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter directory, optionally PATH:WEIGHT")
+    m.add_argument("out", metavar="OUT", help="output directory (must not exist or be empty)")
+    m.add_argument(
+        "--adapter",
+        dest="extra_adapters",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="another adapter to merge in the same pass (repeatable); deltas are summed in fp32",
+    )
+    m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="output float dtype")
+    m.add_argument("--shard-size", default="5GB", type=_size_arg, help="max tensor bytes per output shard (5GB)")
+    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute (auto)")
+    m.add_argument("--save-method", default="merged_16bit", choices=["merged_16bit"], help="output format")
+    m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    m.add_argument("--allow-nonfinite", action="store_true", help="do not fail on NaN/Inf in adapter or output")
+    _common(m)
+
+    i = sub.add_parser("inspect", help="describe a checkpoint or adapter directory")
+    i.add_argument("path", metavar="PATH")
+    _common(i)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="more detail on stderr")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _print_plan(report, out) -> None:
+    w = out.write
+    w(f"base:     {report.base}\n")
+    for a in report.adapters:
+        w(f"adapter:  {a['path']} (weight {a['weight']:g})\n")
+    w(f"output:   {report.out}  dtype={report.options['dtype']} device={report.device}\n")
+    w(f"modules:  {len(report.modules)} updates on {report.tensors_merged} tensors; "
+      f"{report.tensors_copied} of {report.tensors_total} tensors copied unchanged\n")
+    for mrec in report.modules:
+        detail = f"r={mrec['r']} alpha={mrec['alpha']:g} scaling={mrec['scaling']:.6g}" if mrec["r"] else ""
+        w(f"  {mrec['kind']:<9} {mrec['tensor']}  <- {mrec['module']}  {detail}\n")
+    w("shards:\n")
+    for s in report.shards:
+        w(f"  {s['file']}  {_fmt_bytes(s['bytes'])}  {s['tensors']} tensors\n")
+    w(f"total:    {_fmt_bytes(report.total_size)} ({report.total_size} bytes)\n")
+    if report.free_disk_bytes is not None:
+        w(f"free:     {_fmt_bytes(report.free_disk_bytes)} at the output location\n")
+    for n in report.notes:
+        w(f"note:     {n}\n")
+
+
+def _print_summary(report, out) -> None:
+    secs = report.seconds.get("total", 0.0)
+    rate = report.total_size / secs / 2**20 if secs else 0.0
+    out.write(
+        f"merged {report.tensors_merged} tensors ({len(report.modules)} module updates) into {report.out}: "
+        f"{len(report.shards)} shard(s), {_fmt_bytes(report.total_size)} in {secs:.1f}s ({rate:.0f} MiB/s), "
+        f"peak RSS {_fmt_bytes(report.peak_rss_bytes)}\n"
+    )
+    for n in report.notes:
+        out.write(f"note: {n}\n")
+
+
+def _inspect(path: str) -> dict:
+    from .adapter import CONFIG_NAME, find_adapter_dir, load_adapter
+    from .source import Reader, open_checkpoint
+
+    p = Path(path)
+    if (p / "config.json").is_file() and not (p / CONFIG_NAME).is_file():
+        ck = open_checkpoint(p)
+        dtypes: dict[str, int] = {}
+        for t in ck.tensors.values():
+            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.nbytes
+        cfg = ck.config
+        return {
+            "kind": "checkpoint",
+            "path": str(p),
+            "model_type": cfg.get("model_type"),
+            "architectures": cfg.get("architectures"),
+            "dtype": cfg.get("dtype", cfg.get("torch_dtype")),
+            "tie_word_embeddings": cfg.get("tie_word_embeddings"),
+            "vocab_size": cfg.get("vocab_size"),
+            "quantization_config": cfg.get("quantization_config"),
+            "shards": [Path(f).name for f in ck.shard_files],
+            "tensors": len(ck.tensors),
+            "total_bytes": ck.total_bytes,
+            "bytes_by_dtype": dtypes,
+            "tensor_list": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in ck.tensors.values()],
+        }
+    adir = find_adapter_dir(p)
+    reader = Reader()
+    try:
+        ad = load_adapter(adir, reader)
+    finally:
+        reader.close()
+    c = ad.config
+    return {
+        "kind": "adapter",
+        "path": ad.path,
+        "weights_file": ad.weights_file,
+        "base_model_name_or_path": c.get("base_model_name_or_path"),
+        "r": c.get("r"),
+        "lora_alpha": c.get("lora_alpha"),
+        "use_rslora": c.get("use_rslora", False),
+        "use_dora": c.get("use_dora", False),
+        "target_modules": c.get("target_modules"),
+        "modules_to_save": c.get("modules_to_save"),
+        "lora_modules": len(ad.modules),
+        "replacements": sorted(ad.replacements),
+        "trainable_tokens": sorted(ad.tokens),
+        "tensors": len(ad.tensors),
+        "total_bytes": sum(t.nbytes for t in ad.tensors.values()),
+        "modules": [
+            {"module": m.module, "kind": m.kind, "r": m.r, "alpha": m.alpha, "scaling": m.scaling}
+            for m in ad.modules.values()
+        ],
+    }
+
+
+def _print_inspect(info: dict, out) -> None:
+    skip = {"tensor_list", "modules"}
+    for k, v in info.items():
+        if k not in skip:
+            out.write(f"{k}: {_fmt_bytes(v) if k.endswith('bytes') and isinstance(v, int) else v}\n")
+    if info["kind"] == "checkpoint":
+        for t in info["tensor_list"]:
+            out.write(f"  {t['name']}  {t['dtype']}  {t['shape']}\n")
+    else:
+        for m in info["modules"]:
+            out.write(f"  {m['kind']:<9} {m['module']}  r={m['r']} alpha={m['alpha']:g} scaling={m['scaling']:.6g}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="streammerge: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    log = logging.getLogger("streammerge")
+    try:
+        if args.command == "inspect":
+            info = _inspect(args.path)
+            if args.json:
+                json.dump(info, sys.stdout, indent=2)
+                sys.stdout.write("\n")
+            else:
+                _print_inspect(info, sys.stdout)
+            return EXIT_OK
+        from .run import merge
+
+        progress = not args.no_progress and not args.quiet and sys.stderr.isatty()
+        report = merge(
+            args.base,
+            args.adapter,
+            args.out,
+            adapters=args.extra_adapters,
+            dtype=args.dtype,
+            shard_size=args.shard_size,
+            device=args.device,
+            save_method=args.save_method,
+            dry_run=args.dry_run,
+            overwrite=args.overwrite,
+            allow_nonfinite=args.allow_nonfinite,
+            progress=progress,
+        )
+        for w in report.warnings:
+            log.warning(w)
+        if args.json:
+            json.dump(report.to_dict(), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        elif args.dry_run:
+            _print_plan(report, sys.stdout)
+        elif not args.quiet:
+            _print_summary(report, sys.stderr)
+        return EXIT_OK
+    except StreamMergeError as e:
+        log.error(str(e))
+        return e.exit_code
+    except ValueError as e:
+        log.error(str(e))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        log.error("interrupted; nothing was written to the output")
+        return EXIT_INTERRUPTED

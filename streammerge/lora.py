@@ -1,0 +1,66 @@
+"""Pure merge math, operation for operation what PEFT's ``merge_and_unload()`` computes.
+
+Every function takes tensors and returns tensors; nothing here reads files. ``w`` arguments are
+fp32 working copies of (a row block of) the base weight, already rounded to the output dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def lowrank_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, transposed: bool) -> torch.Tensor:
+    """PEFT's ``get_delta_weight``: ``transpose(B @ A) * scaling`` in fp32 (matmul first, then scale)."""
+    d = b.float() @ a.float()
+    if transposed:
+        d = d.T
+    return d * scaling
+
+
+def apply_lowrank(
+    w: torch.Tensor, delta: torch.Tensor, weight: float, round_to: torch.dtype | None
+) -> torch.Tensor:
+    """``w += weight * delta``; with ``round_to`` the delta is first rounded to that dtype (Embedding)."""
+    if weight != 1.0:
+        delta = delta * weight
+    if round_to is not None:
+        delta = delta.to(round_to).float()
+    w += delta
+    return w
+
+
+def apply_bias(bias: torch.Tensor, vec: torch.Tensor, scaling: float, weight: float) -> torch.Tensor:
+    """PEFT: ``bias += lora_B.bias * scaling`` (in fp32 here; rounded once by the caller)."""
+    d = vec.float() * scaling
+    if weight != 1.0:
+        d = d * weight
+    bias += d
+    return bias
+
+
+def dora_merge(
+    w0: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, fan_in_fan_out: bool, embedding: bool
+) -> torch.Tensor:
+    """PEFT's DoRA merge: ``(m / ||W0 + dW||) * (W0 + dW)``.
+
+    Linear: norm over each output row (of the [out, in] view); Embedding: over each embedding
+    dimension (PEFT transposes the [vocab, dim] weight first). ``w0``/``delta`` are fp32 in storage
+    layout.
+    """
+    merged = w0 + delta
+    if embedding or fan_in_fan_out:
+        norm = torch.linalg.norm(w0.T + delta.T, dim=1)
+        factor = (magnitude.float() / norm).view(1, -1)
+    else:
+        norm = torch.linalg.norm(w0 + delta, dim=1)
+        factor = (magnitude.float() / norm).view(-1, 1)
+    return factor * merged
+
+
+def replace_rows(w: torch.Tensor, r0: int, indices: tuple[int, ...], values: torch.Tensor) -> torch.Tensor:
+    """Trainable tokens: rows ``indices`` (absolute) that fall in this block ``[r0, r0+len(w))`` take ``values``."""
+    r1 = r0 + w.shape[0]
+    for k, i in enumerate(indices):
+        if r0 <= i < r1:
+            w[i - r0] = values[k].float()
+    return w

@@ -1,0 +1,505 @@
+"""The merge plan: every output tensor, its updates and its shard, decided before any weight is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .adapter import Adapter, LoraModule
+from .errors import AdapterError, InputError, QuantError
+from .index import KeyMap, choose_keymap, find_input_embedding, is_tied, module_of
+from .source import DTYPES, FLOAT_DTYPES, Checkpoint, TensorRef, numel
+
+QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format")
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """``W += weight * transpose?(B @ A) * scaling``; ``round_delta`` rounds the delta to W's dtype first
+    (PEFT's Embedding merge)."""
+
+    a: TensorRef
+    b: TensorRef
+    scaling: float
+    weight: float
+    transposed: bool
+    round_delta: bool
+    origin: str
+
+
+@dataclass(frozen=True)
+class BiasDelta:
+    """``bias += weight * lora_B.bias * scaling``."""
+
+    vec: TensorRef
+    scaling: float
+    weight: float
+    origin: str
+
+
+@dataclass(frozen=True)
+class Dora:
+    """DoRA: ``W = (m / ||W0 + dW||) * (W0 + dW)``, norms per output row (``embedding``: per column)."""
+
+    a: TensorRef
+    b: TensorRef
+    magnitude: TensorRef
+    scaling: float
+    fan_in_fan_out: bool
+    embedding: bool
+    origin: str
+
+
+@dataclass(frozen=True)
+class RowReplace:
+    """Trainable tokens: rows ``indices`` take ``values`` (cast to the output dtype)."""
+
+    indices: tuple[int, ...]
+    values: TensorRef
+    origin: str
+
+
+Update = LowRank | BiasDelta | Dora | RowReplace
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: where its bytes come from and what is applied to them."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: TensorRef
+    updates: tuple[Update, ...] = ()
+    note: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * DTYPES[self.dtype][0]
+
+    @property
+    def is_copy(self) -> bool:
+        return not self.updates and self.dtype == self.source.dtype and self.shape == self.source.shape
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    filename: str
+    jobs: tuple[TensorJob, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
+
+
+@dataclass(frozen=True)
+class ModuleRecord:
+    """What the report says about one merged module."""
+
+    adapter: str
+    module: str
+    tensor: str
+    kind: str
+    r: int
+    alpha: float
+    scaling: float
+    weight: float
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    dtype: str = "auto"  # auto or a safetensors float dtype name
+    shard_size: int = 5_000_000_000
+    device: str = "auto"
+    save_method: str = "merged_16bit"
+    allow_nonfinite: bool = False
+    block_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    shards: tuple[ShardPlan, ...]
+    config: dict
+    modules: tuple[ModuleRecord, ...]
+    notes: tuple[str, ...] = ()
+    tied: bool = False
+    untied: bool = False
+    used_keys: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def jobs(self) -> list[TensorJob]:
+        return [j for s in self.shards for j in s.jobs]
+
+
+def base_float_dtype(ckpt: Checkpoint) -> str:
+    """The dtype holding most float bytes in the checkpoint."""
+    totals: dict[str, int] = {}
+    for t in ckpt.tensors.values():
+        if t.dtype in FLOAT_DTYPES:
+            totals[t.dtype] = totals.get(t.dtype, 0) + t.nbytes
+    return max(totals, key=totals.get) if totals else "F32"
+
+
+def check_not_quantized(ckpt: Checkpoint) -> None:
+    quant = [n for n in ckpt.tensors if n.endswith(QUANT_SUFFIXES) or ".quant_state." in n]
+    if quant or ckpt.config.get("quantization_config"):
+        raise QuantError(
+            f"{ckpt.path}: is a quantized checkpoint"
+            + (f" (e.g. {quant[0]})" if quant else " (config.json has quantization_config)"),
+            hint="pass the original 16-bit checkpoint as BASE; quantized bases are not supported in this version",
+        )
+
+
+def layout_shards(jobs: list[TensorJob], shard_size: int) -> list[list[TensorJob]]:
+    """Greedy in order: start a new shard when the next tensor would pass ``shard_size``."""
+    shards: list[list[TensorJob]] = [[]]
+    size = 0
+    for j in jobs:
+        if shards[-1] and size + j.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(j)
+        size += j.nbytes
+    return [s for s in shards if s] or [[]]
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _shape_error(ad: Adapter, lm: LoraModule, base: str, base_shape, detail: str) -> AdapterError:
+    return AdapterError(
+        f"{ad.weights_file}: module {lm.module!r} does not fit base tensor {base!r} {list(base_shape)}: {detail}",
+        hint="the adapter was trained on a different model (check base_model_name_or_path in adapter_config.json)",
+    )
+
+
+def _lora_updates(
+    ad: Adapter, lm: LoraModule, base: str, shape: tuple[int, ...], names: set[str], bias_updates: dict
+) -> list[Update]:
+    """Check shapes and build the updates one LoRA module contributes to ``base``."""
+    a, b = lm.a.shape, lm.b.shape
+    if len(shape) != 2:
+        raise _shape_error(ad, lm, base, shape, "LoRA needs a 2-D weight")
+    if lm.kind == "linear":
+        out_f, in_f = (shape[1], shape[0]) if lm.fan_in_fan_out else shape
+        if b[0] != out_f or a[1] != in_f:
+            layout = "[in, out] (fan_in_fan_out)" if lm.fan_in_fan_out else "[out, in]"
+            raise _shape_error(
+                ad, lm, base, shape, f"{lm.a.name} {list(a)} and {lm.b.name} {list(b)} imply {layout} = "
+                f"{[a[1], b[0]] if lm.fan_in_fan_out else [b[0], a[1]]}"
+            )
+    else:
+        if a[1] != shape[0] or b[0] != shape[1]:
+            raise _shape_error(
+                ad, lm, base, shape, f"{lm.a.name} {list(a)} and {lm.b.name} {list(b)} imply [{a[1]}, {b[0]}]"
+            )
+    if lm.magnitude is not None:
+        rows = shape[1] if (lm.kind == "embedding" or lm.fan_in_fan_out) else shape[0]
+        if lm.magnitude.shape != (rows,):
+            raise _shape_error(ad, lm, base, shape, f"{lm.magnitude.name} {list(lm.magnitude.shape)} != [{rows}]")
+        if ad.weight != 1.0:
+            raise AdapterError(
+                f"{ad.path}: DoRA adapters cannot be merged with a weight ({ad.weight:g})",
+                hint="DoRA rescales the whole weight; pass the adapter without :WEIGHT",
+            )
+        upd: list[Update] = [
+            Dora(lm.a, lm.b, lm.magnitude, lm.scaling, lm.fan_in_fan_out, lm.kind == "embedding", ad.path)
+        ]
+    else:
+        upd = [
+            LowRank(lm.a, lm.b, lm.scaling, ad.weight, lm.kind == "embedding" or lm.fan_in_fan_out,
+                    lm.kind == "embedding", ad.path)
+        ]
+    if lm.bias is not None:
+        bias_name = module_of(base)[0] + ".bias"
+        if bias_name not in names:
+            raise AdapterError(
+                f"{ad.weights_file}: {lm.bias.name} is a LoRA bias (lora_bias=true) but base module "
+                f"{module_of(base)[0]!r} has no bias",
+                hint="the adapter was trained on a different model",
+            )
+        bias_updates.setdefault(bias_name, []).append((ad, lm))
+    return upd
+
+
+def build_plan(ckpt: Checkpoint, adapters: list[Adapter], opts: MergeOptions) -> MergePlan:
+    """Match every adapter tensor to the base, check shapes, and lay out the output shards."""
+    check_not_quantized(ckpt)
+    names = set(ckpt.tensors)
+    shapes = {n: t.shape for n, t in ckpt.tensors.items()}
+    base_modules = {module_of(n)[0] for n in names}
+    embed_key = find_input_embedding(shapes)
+    tied = embed_key is not None and is_tied(ckpt.config, names)
+    out_key = "lm_head.weight"
+    special = {"lm_head"} if tied else set()
+    updates: dict[str, list[Update]] = {}
+    replaced: dict[str, tuple[Adapter, TensorRef]] = {}
+    bias_updates: dict[str, list] = {}
+    records: list[ModuleRecord] = []
+    notes: list[str] = []
+    untie = False
+    used: dict[str, frozenset[str]] = {}
+
+    for ad in adapters:
+        mods = list(ad.modules) + list(ad.tokens) + [module_of(n)[0] for n in ad.replacements]
+        km = choose_keymap(mods, base_modules, special)
+        unmatched: list[str] = []
+        keys: set[str] = set()
+
+        def base_name(module: str, param: str = "weight", km: KeyMap = km) -> str | None:
+            b = km.to_base(module)
+            if b is None:
+                return None
+            name = f"{b}.{param}"
+            if name in names:
+                return name
+            if tied and b == "lm_head" and param == "weight":
+                return embed_key
+            return None
+
+        for mod, lm in ad.modules.items():
+            base = base_name(mod)
+            if base is None:
+                unmatched += [lm.a.name, lm.b.name] + [t.name for t in (lm.bias, lm.magnitude) if t]
+                continue
+            if base in replaced and replaced[base][1].shape != shapes[base]:
+                shape = replaced[base][1].shape
+            else:
+                shape = shapes[base]
+            updates.setdefault(base, []).extend(_lora_updates(ad, lm, base, shape, names, bias_updates))
+            keys.update(t.name for t in (lm.a, lm.b, lm.bias, lm.magnitude) if t)
+            records.append(ModuleRecord(ad.path, mod, base, "dora" if lm.magnitude else lm.kind, lm.r, lm.alpha,
+                                        lm.scaling, ad.weight))
+            if base == embed_key and tied and mod.endswith("lm_head"):
+                notes.append(f"{mod}: tied to {embed_key}; the LoRA update is applied to that shared tensor")
+        for name, ref in ad.replacements.items():
+            mod, param = module_of(name)
+            base = base_name(mod, param)
+            target = base
+            if base is None:
+                b = km.to_base(mod)
+                if tied and b == "lm_head" and param == "weight":
+                    target = out_key  # modules_to_save on a tied lm_head: written as its own tensor
+                else:
+                    unmatched.append(ref.name)
+                    continue
+            elif tied and base == embed_key:
+                untie = True
+                if mod.endswith("lm_head"):
+                    target = out_key
+            if target in replaced:
+                raise AdapterError(
+                    f"{target!r} is replaced by both {replaced[target][0].path} and {ad.path}",
+                    hint="two adapters cannot both replace a full module (modules_to_save); merge them separately",
+                )
+            if target == out_key and out_key not in names:
+                untie = True
+            base_shape = shapes.get(target, shapes.get(embed_key) if target == out_key else None)
+            if base_shape is not None and len(ref.shape) != len(base_shape):
+                raise AdapterError(
+                    f"{ad.weights_file}: {ref.name} {list(ref.shape)} cannot replace {target!r} {list(base_shape)}",
+                    hint="the adapter was trained on a different model",
+                )
+            if base_shape is not None and ref.shape != base_shape:
+                if not (len(ref.shape) == 2 and ref.shape[1:] == base_shape[1:] and _is_vocab(target, embed_key)):
+                    raise AdapterError(
+                        f"{ad.weights_file}: {ref.name} {list(ref.shape)} cannot replace {target!r} {list(base_shape)}",
+                        hint="only embedding/lm_head rows may differ (a resized vocabulary)",
+                    )
+            replaced[target] = (ad, ref)
+            keys.add(ref.name)
+            records.append(ModuleRecord(ad.path, mod, target, "replace", 0, 0.0, 0.0, 1.0))
+        for mod, td in ad.tokens.items():
+            base = base_name(mod)
+            if base is None:
+                unmatched.append(td.values.name)
+                continue
+            updates.setdefault(base, []).append(RowReplace(td.indices, td.values, ad.path))
+            keys.add(td.values.name)
+            records.append(ModuleRecord(ad.path, mod, base, "tokens", 0, 0.0, 0.0, 1.0))
+        if unmatched:
+            raise AdapterError(
+                f"{ad.weights_file}: {len(unmatched)} of {len(ad.tensors)} adapter tensor(s) match no tensor of "
+                f"the base {ckpt.path}",
+                details=sorted(unmatched),
+                hint="the adapter was trained on a different model, or the base checkpoint uses other tensor names",
+            )
+        _check_targets_present(ad, km, base_modules)
+        unused = set(ad.tensors) - keys
+        if unused:
+            raise AdapterError(
+                f"{ad.weights_file}: {len(unused)} adapter tensor(s) would not be used", details=sorted(unused)
+            )
+        used[ad.path] = frozenset(keys)
+        if ckpt.config.get("tie_word_embeddings") is None and ad.config.get("ensure_weight_tying") and tied:
+            pass
+        if ad.config.get("ensure_weight_tying") and tied and any(
+            isinstance(u, (LowRank, Dora)) for u in updates.get(embed_key, [])
+        ):
+            notes.append(
+                "ensure_weight_tying: the tied embedding's LoRA update is applied once (PEFT's merge_and_unload "
+                "applies it twice, which changes the model's outputs)"
+            )
+
+    for bias_name, items in bias_updates.items():
+        for ad, lm in items:
+            if lm.bias.shape != shapes[bias_name]:
+                raise AdapterError(
+                    f"{ad.weights_file}: {lm.bias.name} {list(lm.bias.shape)} does not fit {bias_name!r} "
+                    f"{list(shapes[bias_name])}"
+                )
+            updates.setdefault(bias_name, []).append(BiasDelta(lm.bias, lm.scaling, ad.weight, ad.path))
+
+    for name, ups in updates.items():
+        if any(isinstance(u, Dora) for u in ups) and sum(isinstance(u, (Dora, LowRank)) for u in ups) > 1:
+            raise AdapterError(
+                f"{name!r}: a DoRA update cannot be combined with other LoRA updates on the same tensor",
+                hint="merge the DoRA adapter on its own, then merge the others onto its output",
+            )
+
+    target_dtype = None if opts.dtype == "auto" else opts.dtype
+    jobs: list[TensorJob] = []
+
+    def out_dtype(src: TensorRef) -> str:
+        if target_dtype and src.dtype in FLOAT_DTYPES:
+            return target_dtype
+        return src.dtype
+
+    def job_for(name: str, base_ref: TensorRef | None) -> TensorJob:
+        src = base_ref
+        note = ""
+        if name in replaced:
+            ad, src = replaced[name]
+            note = f"replaced by {ad.path}"
+            dtype = out_dtype(base_ref) if base_ref is not None else out_dtype(ckpt.tensors[embed_key])
+        else:
+            dtype = out_dtype(src)
+        ups = tuple(updates.get(name, ()))
+        if ups and dtype not in FLOAT_DTYPES:
+            raise AdapterError(f"base tensor {name!r} has dtype {dtype}; LoRA can only update float tensors")
+        _check_rows(name, src.shape, ups)
+        return TensorJob(name, dtype, src.shape, src, ups, note)
+
+    for name, ref in ckpt.tensors.items():
+        if name in replaced and tied and name == embed_key and out_key not in names and out_key not in replaced:
+            # the output head keeps the original (merged) embedding once the tie is broken
+            jobs.append(job_for(name, ref))
+            continue
+        jobs.append(job_for(name, ref))
+    if untie and out_key not in names:
+        if out_key in replaced:
+            jobs.append(job_for(out_key, None))
+        else:
+            base_job = next(j for j in jobs if j.name == embed_key)
+            src = ckpt.tensors[embed_key]
+            ups = tuple(u for u in updates.get(embed_key, ()))
+            jobs.append(TensorJob(out_key, base_job.dtype, src.shape, src, ups, f"untied copy of {embed_key}"))
+        notes.append("tie_word_embeddings set to false: input and output embeddings now differ")
+
+    config = dict(ckpt.config)
+    if target_dtype:
+        _set_config_dtype(config, target_dtype)
+    if untie:
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
+            config["text_config"] = dict(config["text_config"], tie_word_embeddings=False)
+    vocab = _new_vocab(jobs, embed_key, ckpt)
+    if vocab is not None:
+        tgt = config["text_config"] if "vocab_size" not in config and isinstance(config.get("text_config"), dict) else config
+        if tgt.get("vocab_size") != vocab:
+            notes.append(f"vocab_size {tgt.get('vocab_size')} -> {vocab} (resized embeddings from the adapter)")
+            tgt["vocab_size"] = vocab
+    groups = layout_shards(jobs, opts.shard_size)
+    shards = tuple(ShardPlan(fname, tuple(g)) for fname, g in zip(shard_names(len(groups)), groups, strict=True))
+    return MergePlan(shards, config, tuple(records), tuple(notes), tied, untie, used)
+
+
+def _is_vocab(target: str, embed_key: str | None) -> bool:
+    mod = module_of(target)[0]
+    return target == embed_key or mod.endswith(OUTPUT_NAMES)
+
+
+OUTPUT_NAMES = ("lm_head", "embed_out")
+
+
+def _new_vocab(jobs: list[TensorJob], embed_key: str | None, ckpt: Checkpoint) -> int | None:
+    for j in jobs:
+        if j.name == embed_key and j.shape != ckpt.tensors[embed_key].shape:
+            return j.shape[0]
+    return None
+
+
+def _check_rows(name: str, shape: tuple[int, ...], ups: tuple[Update, ...]) -> None:
+    for u in ups:
+        if isinstance(u, RowReplace):
+            bad = [i for i in u.indices if i >= shape[0]]
+            if bad or u.values.shape != (len(u.indices), *shape[1:]):
+                raise AdapterError(
+                    f"{u.origin}: trainable tokens for {name!r} {list(shape)}: values {list(u.values.shape)} "
+                    f"for {len(u.indices)} indices" + (f", indices out of range: {bad[:10]}" if bad else ""),
+                    hint="trainable_token_indices in adapter_config.json does not match the stored tensor",
+                )
+
+
+def _set_config_dtype(config: dict, dtype: str) -> None:
+    from .source import CONFIG_DTYPE_NAME
+
+    name = CONFIG_DTYPE_NAME[dtype]
+    present = [k for k in ("dtype", "torch_dtype") if k in config]
+    for k in present or ["torch_dtype"]:
+        config[k] = name
+    if isinstance(config.get("text_config"), dict):
+        for k in ("dtype", "torch_dtype"):
+            if k in config["text_config"]:
+                config["text_config"] = dict(config["text_config"], **{k: name})
+
+
+def _check_targets_present(ad: Adapter, km: KeyMap, base_modules: set[str]) -> None:
+    """A module the config targets but the file lacks would keep PEFT's random init: an error."""
+    import re
+
+    targets = ad.config.get("target_modules")
+    if not targets or targets == "all-linear":
+        return
+    have = set(ad.modules)
+    layers = ad.config.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    exclude = ad.config.get("exclude_modules")
+    missing = []
+    lora_like = set(have)
+    for bm in sorted(base_modules):
+        pm = km.to_peft(bm)
+        if pm is None:
+            continue
+        if isinstance(targets, str):
+            hit = re.fullmatch(targets, pm) is not None
+        else:
+            hit = any(pm == t or pm.endswith("." + t) for t in targets)
+        if not hit:
+            continue
+        if exclude:
+            if isinstance(exclude, str):
+                if re.fullmatch(exclude, pm):
+                    continue
+            elif any(pm == t or pm.endswith("." + t) for t in exclude):
+                continue
+        if layers:
+            m = re.search(r"\.(\d+)\.", pm)
+            if m is None or int(m.group(1)) not in layers:
+                continue
+        if pm not in lora_like:
+            missing.append(pm)
+    if missing:
+        raise AdapterError(
+            f"{ad.weights_file}: adapter_config.json targets {len(missing)} module(s) that have no LoRA tensors",
+            details=missing,
+            hint="PEFT would leave these at random initialisation; the adapter file is incomplete or the "
+            "config belongs to another adapter",
+        )

@@ -1,0 +1,372 @@
+"""The driver: plan -> read -> merge -> write, one tensor (or row block) at a time."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from . import __version__, lora
+from .adapter import Adapter, load_adapter
+from .errors import InputError, NonFiniteError, OutputError
+from .plan import BiasDelta, Dora, LowRank, MergeOptions, MergePlan, RowReplace, TensorJob, build_plan
+from .sink import (
+    ShardWriter,
+    check_output,
+    commit_work_dir,
+    copy_file,
+    discard_work_dir,
+    prepare_work_dir,
+    write_json,
+)
+from .source import DTYPE_ALIASES, DTYPES, Checkpoint, Reader, TensorRef, numel, open_checkpoint, split_adapter_spec
+
+log = logging.getLogger("streammerge")
+
+COPY_CHUNK = 64 * 1024 * 1024
+ROW_ALIGN = 64
+COL_ALIGN = 256
+REPORT_NAME = "streammerge_report.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".zst")
+SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json", REPORT_NAME}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+@dataclass
+class MergeReport:
+    """What a merge did. ``to_dict()`` is the JSON written to OUT and printed by ``--json``."""
+
+    version: str
+    base: str
+    adapters: list[dict]
+    out: str
+    options: dict
+    dry_run: bool
+    device: str
+    shards: list[dict]
+    total_size: int
+    modules: list[dict]
+    tensors_total: int
+    tensors_merged: int
+    tensors_copied: int
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+    peak_rss_bytes: int = 0
+    peak_anon_bytes: int = 0
+    bytes_read: int = 0
+    free_disk_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_size(text: str | int) -> int:
+    """``5GB``, ``512MiB``, ``1e9`` or a plain byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9}
+    s = str(text).strip().upper().replace(" ", "")
+    i = len(s)
+    while i and not (s[i - 1].isdigit() or s[i - 1] == "."):
+        i -= 1
+    num, unit = s[:i], s[i:]
+    if unit not in units or not num:
+        raise ValueError(f"not a size: {text!r} (use e.g. 5GB, 500MB, 2GiB)")
+    value = float(num) * units[unit]
+    if value <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return int(value)
+
+
+def resolve_dtype(name: str) -> str:
+    if name == "auto":
+        return "auto"
+    key = name.lower()
+    if key not in DTYPE_ALIASES:
+        raise ValueError(f"unknown dtype {name!r}: use auto, bf16, fp16 or fp32")
+    return DTYPE_ALIASES[key]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available", hint="use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {name!r}", hint="use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def _anon_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Executor:
+    """Computes the bytes of each output tensor, block by block."""
+
+    def __init__(self, reader: Reader, opts: MergeOptions, device: torch.device, report: MergeReport):
+        self.reader = reader
+        self.opts = opts
+        self.device = device
+        self.report = report
+        self.peak_anon = 0
+
+    def _adapter_tensor(self, ref: TensorRef, role: str) -> torch.Tensor:
+        t = self.reader.tensor(ref).to(self.device, torch.float32)
+        if not self.opts.allow_nonfinite and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(
+                f"{ref.file}: adapter tensor {ref.name!r} ({role}) contains NaN or Inf",
+                hint="the adapter is broken (diverged training?); pass --allow-nonfinite to merge anyway",
+            )
+        return t
+
+    def _block_rows(self, job: TensorJob) -> int:
+        rows = job.shape[0] if job.shape else 1
+        if len(job.shape) < 2 or any(isinstance(u, Dora) for u in job.updates):
+            return max(rows, 1)
+        per_row = numel(job.shape[1:]) * 4 * 3  # fp32 weight, delta and output
+        n = self.opts.block_bytes // max(per_row, 1)
+        # BLAS tiles rows (and columns, for transposed deltas) in small fixed groups: blocks that
+        # start on a multiple of the alignment reproduce the unblocked product bit for bit.
+        align = COL_ALIGN if any(isinstance(u, LowRank) and u.transposed for u in job.updates) else ROW_ALIGN
+        n = max(align, n // align * align)
+        return min(rows, n)
+
+    def blocks(self, job: TensorJob) -> Iterator[memoryview]:
+        """The output bytes of ``job`` in order."""
+        if job.is_copy:
+            for off in range(0, job.nbytes, COPY_CHUNK):
+                yield self.reader.raw(job.source, off, min(COPY_CHUNK, job.nbytes - off))
+            return
+        out_dtype = DTYPES[job.dtype][1]
+        src = self.reader.tensor(job.source)
+        prepared = []
+        for u in job.updates:
+            if isinstance(u, (LowRank, Dora)):
+                a, b = self._adapter_tensor(u.a, "lora_A"), self._adapter_tensor(u.b, "lora_B")
+                if not bool(b.any()):
+                    self.report.warnings.append(f"{job.name}: lora_B from {u.origin} is all zero; the merge changes nothing")
+                extra = self._adapter_tensor(u.magnitude, "DoRA magnitude") if isinstance(u, Dora) else None
+                prepared.append((u, a, b, extra))
+            elif isinstance(u, BiasDelta):
+                prepared.append((u, self._adapter_tensor(u.vec, "lora_B.bias"), None, None))
+            else:
+                prepared.append((u, self._adapter_tensor(u.values, "trainable tokens"), None, None))
+        rows = job.shape[0] if job.shape else 1
+        step = self._block_rows(job)
+        flat = src.reshape(rows, -1) if len(job.shape) <= 1 else src
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            whole = r0 == 0 and r1 == rows
+            blk = flat[r0:r1].to(self.device).to(out_dtype)
+            w = blk.float() if blk.dtype != torch.float32 else blk.clone()
+            if len(job.shape) <= 1:
+                w = w.reshape(job.shape)
+            for u, a, b, extra in prepared:
+                if isinstance(u, LowRank):
+                    if u.transposed:
+                        aa = a if whole else a[:, r0:r1].contiguous()
+                        delta = lora.lowrank_delta(aa, b, u.scaling, True)
+                    else:
+                        delta = lora.lowrank_delta(a, b if whole else b[r0:r1], u.scaling, False)
+                    lora.apply_lowrank(w, delta, u.weight, out_dtype if u.round_delta else None)
+                elif isinstance(u, BiasDelta):
+                    lora.apply_bias(w, a, u.scaling, u.weight)
+                elif isinstance(u, Dora):
+                    delta = lora.lowrank_delta(a, b, u.scaling, u.embedding or u.fan_in_fan_out)
+                    w = lora.dora_merge(w, delta, extra, u.fan_in_fan_out, u.embedding)
+                elif isinstance(u, RowReplace):
+                    lora.replace_rows(w, r0, u.indices, a)
+            out = w.to(out_dtype)
+            if not self.opts.allow_nonfinite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                raise NonFiniteError(
+                    f"merging into {job.name!r} produced NaN or Inf (rows {r0}..{r1})",
+                    hint="the adapter's update overflows the output dtype; try --dtype fp32 or bf16, "
+                    "or --allow-nonfinite to write it anyway",
+                )
+            out = out.cpu().contiguous()
+            self.peak_anon = max(self.peak_anon, _anon_bytes())
+            yield memoryview(out.reshape(-1).view(torch.uint8).numpy())
+
+
+def _aux_files(base: Path, adapters: list[Adapter]) -> dict[str, Path]:
+    """Files copied beside the weights: the base's non-weight files, then the adapters' tokenizer files."""
+    files: dict[str, Path] = {}
+    for p in sorted(base.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.name not in SKIP_FILES and not p.name.endswith(WEIGHT_SUFFIXES):
+            files[p.name] = p
+    for ad in adapters:
+        for name in TOKENIZER_FILES:
+            p = Path(ad.path) / name
+            if p.is_file():
+                files[name] = p
+    return files
+
+
+def plan_merge(
+    base: str | Path, adapters: list[tuple[str, float]], opts: MergeOptions, reader: Reader
+) -> tuple[Checkpoint, list[Adapter], MergePlan]:
+    ckpt = open_checkpoint(base)
+    ads = [load_adapter(p, reader, w) for p, w in adapters]
+    return ckpt, ads, build_plan(ckpt, ads, opts)
+
+
+def merge(
+    base: str | Path,
+    adapter: str | Path | list,
+    out: str | Path,
+    *,
+    adapters: list | tuple = (),
+    dtype: str = "auto",
+    shard_size: str | int = "5GB",
+    device: str = "auto",
+    save_method: str = "merged_16bit",
+    dry_run: bool = False,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    progress: bool = False,
+    block_bytes: int | str = 64 * 1024 * 1024,
+) -> MergeReport:
+    """Merge LoRA ``adapter`` (and ``adapters``, each ``PATH[:WEIGHT]`` or ``(path, weight)``) into
+    ``base`` and write the merged checkpoint to ``out``. Returns the :class:`MergeReport`."""
+    t0 = time.perf_counter()
+    specs: list[tuple[str, float]] = []
+    for item in ([adapter] if not isinstance(adapter, list) else adapter) + list(adapters):
+        specs.append((str(item[0]), float(item[1])) if isinstance(item, tuple) else split_adapter_spec(str(item)))
+    if save_method != "merged_16bit":
+        raise InputError(f"--save-method {save_method!r} is not supported", hint="use merged_16bit")
+    opts = MergeOptions(
+        dtype=resolve_dtype(dtype),
+        shard_size=parse_size(shard_size),
+        device=device,
+        save_method=save_method,
+        allow_nonfinite=allow_nonfinite,
+        block_bytes=parse_size(block_bytes),
+    )
+    dev = resolve_device(device)
+    out = Path(out)
+    base = Path(base)
+    reader = Reader()
+    try:
+        ckpt, ads, plan = plan_merge(base, specs, opts, reader)
+        check_output(out, [base] + [Path(a.path) for a in ads], overwrite)
+        aux = _aux_files(base, ads)
+        free = psutil.disk_usage(str(_existing_parent(out))).free
+        report = MergeReport(
+            version=__version__,
+            base=str(base),
+            adapters=[{"path": a.path, "weight": a.weight, "weights_file": a.weights_file} for a in ads],
+            out=str(out),
+            options={"dtype": opts.dtype, "shard_size": opts.shard_size, "device": device,
+                     "save_method": save_method, "allow_nonfinite": allow_nonfinite},
+            dry_run=dry_run,
+            device=str(dev),
+            shards=[{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.jobs)} for s in plan.shards],
+            total_size=plan.total_size,
+            modules=[asdict(m) for m in plan.modules],
+            tensors_total=len(plan.jobs),
+            tensors_merged=sum(1 for j in plan.jobs if j.updates),
+            tensors_copied=sum(1 for j in plan.jobs if j.is_copy),
+            notes=list(plan.notes),
+            free_disk_bytes=free,
+        )
+        if dry_run:
+            report.seconds = {"total": round(time.perf_counter() - t0, 3)}
+            return report
+        needed = plan.total_size + sum(p.stat().st_size for p in aux.values())
+        if needed > free:
+            raise OutputError(
+                f"{out.parent}: {free / 1e9:.2f} GB free, the output needs {needed / 1e9:.2f} GB",
+                hint="free disk space or choose another output location",
+            )
+        _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, progress)
+        report.seconds["total"] = round(time.perf_counter() - t0, 3)
+        report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        report.bytes_read = reader.bytes_read
+        write_json(out / REPORT_NAME, report.to_dict())
+        return report
+    finally:
+        reader.close()
+
+
+def _existing_parent(p: Path) -> Path:
+    p = p.resolve()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, progress) -> None:
+    work = prepare_work_dir(out)
+    ex = Executor(reader, opts, dev, report)
+    t_compute = t_write = 0.0
+    meta = {"format": "pt", "streammerge": __version__}
+    bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+               desc="merging", dynamic_ncols=True)
+    try:
+        for shard in plan.shards:
+            writer = ShardWriter(work / shard.filename, [(j.name, j.dtype, j.shape) for j in shard.jobs], meta)
+            try:
+                for job in shard.jobs:
+                    it = ex.blocks(job)
+                    while True:
+                        t = time.perf_counter()
+                        buf = next(it, None)
+                        t_compute += time.perf_counter() - t
+                        if buf is None:
+                            break
+                        t = time.perf_counter()
+                        writer.write(job.name, buf)
+                        t_write += time.perf_counter() - t
+                        bar.update(buf.nbytes)
+                t = time.perf_counter()
+                writer.close()
+                t_write += time.perf_counter() - t
+            except BaseException:
+                writer.abort()
+                raise
+        if len(plan.shards) > 1:
+            index = {
+                "metadata": {"total_size": plan.total_size, "streammerge": __version__},
+                "weight_map": {j.name: s.filename for s in plan.shards for j in s.jobs},
+            }
+            write_json(work / "model.safetensors.index.json", index)
+        write_json(work / "config.json", plan.config)
+        for name, src in aux.items():
+            copy_file(src, work / name)
+        report.seconds = {"compute": round(t_compute, 3), "write": round(t_write, 3)}
+        report.peak_anon_bytes = ex.peak_anon
+        write_json(work / REPORT_NAME, report.to_dict())
+        commit_work_dir(work, out)
+    except BaseException:
+        bar.close()
+        discard_work_dir(work)
+        raise
+    bar.close()

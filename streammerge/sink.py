@@ -1,0 +1,185 @@
+"""Writing: a header-first incremental safetensors writer and the atomic output directory.
+
+The ``safetensors`` library only serializes whole dicts. Here every output name, dtype and shape is
+known from the plan, so a shard's header is written first and tensor bytes are streamed after it in
+order, one block at a time; the writer checks that exactly the announced bytes arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import OutputError
+from .source import DTYPES, numel
+
+HEADER_ALIGN = 8
+
+
+def build_header(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
+    """The 8-byte length prefix plus the JSON header (space-padded to 8 bytes, as safetensors does)."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    pos = 0
+    for name, dtype, shape in specs:
+        n = numel(shape) * DTYPES[dtype][0]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-(len(raw) + 8) % HEADER_ALIGN)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class ShardWriter:
+    """Streams the tensors of one shard, in the announced order, behind a header written first."""
+
+    def __init__(self, path: Path | str, specs: list[tuple[str, str, tuple[int, ...]]], metadata=None):
+        self.path = Path(path)
+        self._specs = [(name, numel(shape) * DTYPES[dtype][0]) for name, dtype, shape in specs]
+        self._i = 0
+        self._left = self._specs[0][1] if self._specs else 0
+        header = build_header(specs, metadata)
+        try:
+            self._f = open(self.path, "wb")
+            self._f.write(header)
+        except OSError as e:
+            raise _io_error(self.path, e) from e
+        self.bytes_written = 0
+        self._skip_empty()
+
+    def _skip_empty(self) -> None:
+        while self._i < len(self._specs) and self._left == 0:
+            self._i += 1
+            self._left = self._specs[self._i][1] if self._i < len(self._specs) else 0
+
+    def write(self, name: str, data) -> None:
+        """Append bytes (any buffer: bytes, memoryview, numpy array) belonging to tensor ``name``."""
+        if self._i >= len(self._specs) or self._specs[self._i][0] != name:
+            expected = self._specs[self._i][0] if self._i < len(self._specs) else "nothing"
+            raise OutputError(f"{self.path}: writer got bytes for {name!r}, expected {expected!r}")
+        mv = memoryview(data).cast("B")
+        if mv.nbytes > self._left:
+            raise OutputError(f"{self.path}: {name!r} got {mv.nbytes} bytes, only {self._left} left to write")
+        try:
+            self._f.write(mv)
+        except OSError as e:
+            raise _io_error(self.path, e) from e
+        self._left -= mv.nbytes
+        self.bytes_written += mv.nbytes
+        if self._left == 0:
+            self._i += 1
+            self._left = self._specs[self._i][1] if self._i < len(self._specs) else 0
+            self._skip_empty()
+
+    def close(self) -> None:
+        """Check completeness, flush and fsync."""
+        if self._i < len(self._specs):
+            self._f.close()
+            raise OutputError(f"{self.path}: closed before {self._specs[self._i][0]!r} was complete")
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        except OSError as e:
+            raise _io_error(self.path, e) from e
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass
+
+
+def _io_error(path: Path, e: OSError) -> OutputError:
+    hint = "free some disk space and run again" if e.errno == 28 else "check permissions and free space"
+    return OutputError(f"{path}: write failed: {e.strerror or e}", hint=hint)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _io_error(path, e) from e
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    try:
+        shutil.copyfile(src, dst)
+    except OSError as e:
+        raise _io_error(dst, e) from e
+
+
+def work_dir_for(out: Path) -> Path:
+    """The hidden sibling directory a run writes into before renaming it to ``out``."""
+    return out.parent / f".{out.name}.streammerge-partial"
+
+
+def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an output that would clobber data or an input."""
+    o = out.resolve()
+    for i in inputs:
+        r = i.resolve()
+        if o == r or r in o.parents:
+            raise OutputError(f"{out}: is inside the input {i}", hint="choose an output directory outside the inputs")
+        if o in r.parents:
+            raise OutputError(f"{out}: contains the input {i}", hint="choose an output directory that holds no input")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"{out}: exists and is not empty", hint="pass --overwrite to replace it, or choose another path")
+
+
+def prepare_work_dir(out: Path) -> Path:
+    work = work_dir_for(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir()
+    except OSError as e:
+        raise OutputError(f"{work}: cannot create the work directory: {e.strerror or e}") from e
+    return work
+
+
+def commit_work_dir(work: Path, out: Path) -> None:
+    """Atomically publish ``work`` as ``out`` (replacing an existing ``out``)."""
+    fsync_dir(work)
+    old = None
+    try:
+        if out.exists():
+            old = out.parent / f".{out.name}.streammerge-old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(out, old)
+        os.rename(work, out)
+        fsync_dir(out.parent)
+    except OSError as e:
+        if old is not None and old.exists() and not out.exists():
+            os.rename(old, out)
+        raise OutputError(f"{out}: cannot move the finished output into place: {e.strerror or e}") from e
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def discard_work_dir(work: Path) -> None:
+    shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,357 @@
+"""Reading checkpoints: validated safetensors headers, shard indexes, zero-copy mmap views.
+
+This module and :mod:`streammerge.sink` are the only places that touch tensor files.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import AdapterError, InputError
+
+#: safetensors dtype name -> (item size in bytes, torch dtype or None when torch lacks it).
+DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
+    "BOOL": (1, torch.bool),
+    "U8": (1, torch.uint8),
+    "I8": (1, torch.int8),
+    "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None)),
+    "F8_E5M2": (1, getattr(torch, "float8_e5m2", None)),
+    "F8_E8M0": (1, getattr(torch, "float8_e8m0fnu", None)),
+    "I16": (2, torch.int16),
+    "U16": (2, getattr(torch, "uint16", None)),
+    "F16": (2, torch.float16),
+    "BF16": (2, torch.bfloat16),
+    "I32": (4, torch.int32),
+    "U32": (4, getattr(torch, "uint32", None)),
+    "F32": (4, torch.float32),
+    "I64": (8, torch.int64),
+    "U64": (8, getattr(torch, "uint64", None)),
+    "F64": (8, torch.float64),
+    "C64": (8, getattr(torch, "complex64", None)),
+}
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+TORCH_TO_ST = {v[1]: k for k, v in DTYPES.items() if v[1] is not None}
+#: user-facing names accepted by ``--dtype`` and written to config.json.
+DTYPE_ALIASES = {
+    "bf16": "BF16",
+    "bfloat16": "BF16",
+    "fp16": "F16",
+    "float16": "F16",
+    "half": "F16",
+    "fp32": "F32",
+    "float32": "F32",
+    "float": "F32",
+}
+CONFIG_DTYPE_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_NDIM = 16
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes live. ``offset`` is absolute in ``file``; -1 for pickled tensors."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """A validated safetensors header."""
+
+    path: str
+    data_start: int
+    tensors: dict[str, TensorRef]
+    metadata: dict[str, str]
+
+
+def numel(shape: tuple[int, ...] | list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _bad(path: Path | str, what: str, error_cls=InputError) -> Exception:
+    return error_cls(
+        f"{path}: not a valid safetensors file: {what}",
+        hint="the file is truncated or corrupt; re-download or re-save it",
+    )
+
+
+def parse_header(path: Path | str, error_cls: type = InputError) -> ShardHeader:
+    """Read and validate a safetensors header without reading tensor data.
+
+    Checks the header length against the file size, the JSON structure, dtypes, shapes, and that
+    the data offsets tile the data region exactly (no gaps, overlaps, or bytes past the end).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _bad(path, f"file is {size} bytes, shorter than the 8-byte length prefix", error_cls)
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                raise _bad(path, f"header length {n} exceeds the file size ({size} bytes) or 100 MB", error_cls)
+            raw = f.read(n)
+    except OSError as e:
+        raise error_cls(f"{path}: cannot read: {e.strerror or e}", hint="check that the file exists and is readable") from e
+    if len(raw) != n:
+        raise _bad(path, "header is truncated", error_cls)
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise _bad(path, f"header is not valid UTF-8 JSON ({type(e).__name__})", error_cls) from None
+    if not isinstance(obj, dict):
+        raise _bad(path, "header is not a JSON object", error_cls)
+    meta = obj.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise _bad(path, "__metadata__ must map strings to strings", error_cls)
+    data_start = 8 + n
+    data_len = size - data_start
+    spans: list[tuple[int, int, str]] = []
+    tensors: dict[str, TensorRef] = {}
+    for name, info in obj.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise _bad(path, f"entry {name!r} must have exactly dtype, shape, data_offsets", error_cls)
+        dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in DTYPES:
+            raise error_cls(
+                f"{path}: tensor {name!r} has dtype {dtype!r}, which streammerge does not support",
+                hint=f"supported dtypes: {', '.join(DTYPES)}",
+            )
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape)
+        ):
+            raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}", error_cls)
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        ):
+            raise _bad(path, f"tensor {name!r} has invalid data_offsets {offs!r}", error_cls)
+        begin, end = offs
+        expected = numel(shape) * DTYPES[dtype][0]
+        if not 0 <= begin <= end or end - begin != expected:
+            raise _bad(
+                path, f"tensor {name!r}: data_offsets {offs} hold {end - begin} bytes, expected {expected}", error_cls
+            )
+        spans.append((begin, end, name))
+        tensors[name] = TensorRef(name, str(path), dtype, tuple(shape), data_start + begin, expected)
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else f"leaves a gap at byte {pos}"
+            raise _bad(path, f"tensor {name!r} at {begin} {what}", error_cls)
+        pos = end
+    if pos != data_len:
+        if pos > data_len:
+            raise _bad(path, f"file is truncated: tensors need {pos} data bytes, file has {data_len}", error_cls)
+        raise _bad(path, f"{data_len - pos} trailing bytes after the last tensor", error_cls)
+    return ShardHeader(str(path), data_start, tensors, meta)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A Hugging Face model directory: config, shard headers and every tensor's location."""
+
+    path: str
+    config: dict
+    tensors: dict[str, TensorRef]  # in file order: shard by shard, offset by offset
+    shard_files: tuple[str, ...]
+    sharded: bool
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def read_json(path: Path, what: str, error_cls: type = InputError) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error_cls(f"{path}: missing {what}", hint=f"{path.parent} must contain {path.name}") from None
+    except OSError as e:
+        raise error_cls(f"{path}: cannot read {what}: {e.strerror or e}") from e
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise error_cls(f"{path}: {what} is not valid JSON ({e})", hint="fix or re-create the file") from None
+    if not isinstance(obj, dict):
+        raise error_cls(f"{path}: {what} must be a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def open_checkpoint(path: Path | str) -> Checkpoint:
+    """Index a base checkpoint directory: validate config, index and every shard header."""
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"{root}: base checkpoint directory not found", hint="pass a local Hugging Face model directory")
+    config = read_json(root / "config.json", "config.json")
+    index_path = root / INDEX_NAME
+    tensors: dict[str, TensorRef] = {}
+    if index_path.exists():
+        index = read_json(index_path, "shard index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(f"{index_path}: has no 'weight_map' object", hint="re-save the checkpoint")
+        files = []
+        for f in weight_map.values():
+            if not isinstance(f, str):
+                raise InputError(f"{index_path}: weight_map values must be file names, found {f!r}")
+            if f not in files:
+                files.append(f)
+        headers = {}
+        for f in files:
+            p = root / f
+            if "/" in f or "\\" in f or f.startswith(".") or not _inside(p, root):
+                raise InputError(f"{index_path}: shard name {f!r} points outside the checkpoint directory")
+            if not p.is_file():
+                raise InputError(
+                    f"{index_path}: names shard {f!r}, which does not exist",
+                    hint="the download is incomplete; fetch the missing shard",
+                )
+            headers[f] = parse_header(p)
+        missing = [k for k, f in weight_map.items() if k not in headers[f].tensors]
+        if missing:
+            raise InputError(
+                f"{index_path}: {len(missing)} tensor(s) listed in the index are absent from their shard",
+                details=[f"{k} (expected in {weight_map[k]})" for k in missing],
+                hint="the index and shards are from different saves; re-download the checkpoint",
+            )
+        extra = [f"{k} (in {f})" for f, h in headers.items() for k in h.tensors if weight_map.get(k) != f]
+        if extra:
+            raise InputError(
+                f"{index_path}: {len(extra)} tensor(s) in the shards are not listed in the index",
+                details=extra,
+                hint="the index and shards are from different saves; re-download the checkpoint",
+            )
+        for f in files:
+            for ref in sorted(headers[f].tensors.values(), key=lambda r: r.offset):
+                tensors[ref.name] = ref
+        return Checkpoint(str(root), config, tensors, tuple(str(root / f) for f in files), True)
+    single = root / SINGLE_NAME
+    if not single.is_file():
+        found = sorted(p.name for p in root.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"})
+        raise InputError(
+            f"{root}: no {SINGLE_NAME} or {INDEX_NAME}",
+            hint=(f"found {', '.join(found)}; " if found else "")
+            + "streammerge reads safetensors checkpoints; convert .bin checkpoints with transformers first",
+        )
+    header = parse_header(single)
+    for ref in sorted(header.tensors.values(), key=lambda r: r.offset):
+        tensors[ref.name] = ref
+    return Checkpoint(str(root), config, tensors, (str(single),), False)
+
+
+class Reader:
+    """Zero-copy access to tensors: one read-only private mmap per file, opened lazily.
+
+    Tensors returned are read-only views of the page cache and cost no anonymous memory. The map
+    is shared and read-only, so it does not count against ``RLIMIT_DATA`` either; callers copy
+    before modifying (torch cannot mark a tensor read-only, so this is a rule of this package).
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[str, mmap.mmap] = {}
+        self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self.bytes_read = 0
+
+    def register_pickled(self, file: str, tensors: dict[str, torch.Tensor]) -> None:
+        self._pickled[file] = tensors
+
+    def _map(self, file: str) -> mmap.mmap:
+        m = self._maps.get(file)
+        if m is None:
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+            self._maps[file] = m
+        return m
+
+    def raw(self, ref: TensorRef, start: int = 0, length: int | None = None) -> memoryview:
+        """The bytes ``[start, start+length)`` of a tensor, as a view of the map."""
+        length = ref.nbytes - start if length is None else length
+        self.bytes_read += length
+        return memoryview(self._map(ref.file))[ref.offset + start : ref.offset + start + length]
+
+    def tensor(self, ref: TensorRef) -> torch.Tensor:
+        """The whole tensor as a zero-copy torch view (a CPU tensor of its stored dtype)."""
+        if ref.offset < 0:
+            self.bytes_read += ref.nbytes
+            return self._pickled[ref.file][ref.name]
+        tdtype = DTYPES[ref.dtype][1]
+        if tdtype is None:
+            raise InputError(f"{ref.file}: tensor {ref.name!r} has dtype {ref.dtype}, which this torch cannot compute on")
+        if ref.nbytes == 0:
+            return torch.empty(ref.shape, dtype=tdtype)
+        self.bytes_read += ref.nbytes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "buffer is not writable": we never write to these views
+            flat = torch.frombuffer(self._map(ref.file), dtype=torch.uint8, count=ref.nbytes, offset=ref.offset)
+        return flat.view(tdtype).view(ref.shape)
+
+    def rows(self, ref: TensorRef, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of a tensor (first dimension), zero-copy."""
+        t = self.tensor(ref)
+        return t[r0:r1]
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:
+                pass  # a view is still alive; the map is released with it
+        self._maps.clear()
+        self._pickled.clear()
+
+
+def split_adapter_spec(spec: str) -> tuple[str, float]:
+    """``PATH[:WEIGHT]`` -> (path, weight). A path that exists as given is never split."""
+    m = re.fullmatch(r"(.+):([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)", spec)
+    if m and not Path(spec).exists():
+        return m.group(1), float(m.group(2))
+    return spec, 1.0
+
+
+def ensure_readable_dir(path: Path, what: str, error_cls: type = AdapterError) -> Path:
+    if not path.is_dir():
+        raise error_cls(f"{path}: {what} directory not found", hint="pass a local directory path")
+    return path
