@@ -1,0 +1,91 @@
+"""The command line: exit codes, --json, --dry-run, inspect, python -m."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from streammerge import __version__
+from streammerge.cli import main
+
+
+def run(*args, check_rc=None):
+    proc = subprocess.run([sys.executable, "-m", "streammerge", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, (proc.returncode, proc.stderr)
+    return proc
+
+
+def test_version_and_help():
+    assert run("--version", check_rc=0).stdout.strip() == f"streammerge {__version__}"
+    h = run("merge", "--help", check_rc=0).stdout
+    assert "exit codes" in h and "130" in h and "examples" in h
+
+
+def test_usage_errors_exit_2(llama_pair, tmp_path):
+    base, ad = llama_pair
+    assert run(check_rc=2).returncode == 2
+    assert run("merge", base, check_rc=2).returncode == 2
+    p = run("merge", base, ad, tmp_path / "o", "--shard-size", "lots", check_rc=2)
+    assert "not a size" in p.stderr
+    run("merge", base, ad, tmp_path / "o", "--dtype", "int4", check_rc=2)
+
+
+def test_merge_json_report(llama_pair, tmp_path):
+    base, ad = llama_pair
+    p = run("merge", base, ad, tmp_path / "out", "--json", "--shard-size", "100KB", check_rc=0)
+    rep = json.loads(p.stdout)
+    for key in ("version", "base", "adapters", "out", "options", "shards", "total_size", "modules", "seconds",
+                "peak_rss_bytes", "tensors_merged", "warnings", "notes"):
+        assert key in rep
+    assert rep["tensors_merged"] == 6 and len(rep["shards"]) >= 2
+    assert sum(s["bytes"] for s in rep["shards"]) == rep["total_size"]
+    assert json.loads((tmp_path / "out" / "streammerge_report.json").read_text())["total_size"] == rep["total_size"]
+
+
+def test_error_exit_1_names_problem(llama_pair, tmp_path):
+    base, ad = llama_pair
+    p = run("merge", base, tmp_path / "nowhere", tmp_path / "out", check_rc=1)
+    assert "adapter directory not found" in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_writes_nothing(llama_pair, tmp_path):
+    base, ad = llama_pair
+    p = run("merge", base, ad, tmp_path / "out", "--dry-run", check_rc=0)
+    assert "model.layers.0.self_attn.q_proj.weight" in p.stdout and "total:" in p.stdout and "free:" in p.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_checkpoint_and_adapter(llama_pair):
+    base, ad = llama_pair
+    info = json.loads(run("inspect", base, "--json", check_rc=0).stdout)
+    assert info["kind"] == "checkpoint" and info["tensors"] == 21 and len(info["shards"]) > 1
+    info = json.loads(run("inspect", ad, "--json", check_rc=0).stdout)
+    assert info["kind"] == "adapter" and info["lora_modules"] == 6 and info["r"] == 8
+    assert "q_proj" in run("inspect", ad, check_rc=0).stdout
+
+
+def test_main_in_process_returns_codes(llama_pair, tmp_path, capsys):
+    base, ad = llama_pair
+    assert main(["merge", str(base), str(ad), str(tmp_path / "o"), "-q"]) == 0
+    assert main(["merge", str(base), str(ad), str(tmp_path / "o"), "-q"]) == 1  # exists, not empty
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_interrupt_exits_130_and_leaves_nothing(llama_pair, tmp_path, monkeypatch, capsys):
+    import streammerge.run as run_mod
+
+    base, ad = llama_pair
+    real = run_mod.ShardWriter.write
+
+    def boom(self, name, data):
+        real(self, name, data)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod.ShardWriter, "write", boom)
+    assert main(["merge", str(base), str(ad), str(tmp_path / "o"), "-q"]) == 130
+    assert not (tmp_path / "o").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []

@@ -1,0 +1,53 @@
+"""The working set is a few tensors: a real merge under ``prlimit --data`` on a model several times
+larger than the cap (RLIMIT_DATA caps anonymous memory; the mmap'd input does not count)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import write_synthetic_llama
+from safetensors import safe_open
+
+CAP = 450 * 2**20
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux prlimit")
+def test_merge_under_data_cap_on_model_three_times_larger(tmp_path):
+    base, ad = write_synthetic_llama(tmp_path, hidden=2048, inter=5632, layers=14, vocab=32000, kv_heads=4, heads=16)
+    size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    assert size > 3 * CAP
+    out = tmp_path / "out"
+    cmd = ["prlimit", f"--data={CAP}", sys.executable, "-m", "streammerge", "merge", str(base), str(ad), str(out),
+           "--shard-size", "400MB", "--json", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # a control: the same cap is really binding (allocating the model's size fails under it)
+    ctl = subprocess.run(["prlimit", f"--data={CAP}", sys.executable, "-c",
+                          f"import torch; torch.empty({size}, dtype=torch.uint8).fill_(1)"], capture_output=True)
+    assert ctl.returncode != 0
+    # check every tensor: adapted ones against a dense reference, the rest byte for byte
+    from safetensors.torch import load_file
+
+    lora = load_file(ad / "adapter_model.safetensors")
+    where = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(out.glob("model-*.safetensors"))
+    assert len(files) >= 3
+    seen = 0
+    for f in files:
+        with safe_open(str(f), "pt") as g:
+            for k in g.keys():
+                got = g.get_tensor(k)
+                with safe_open(str(base / where[k]), "pt") as b:
+                    src = b.get_tensor(k)
+                m = "base_model.model." + k[: -len(".weight")]
+                if f"{m}.lora_A.weight" in lora:
+                    delta = (lora[f"{m}.lora_B.weight"] @ lora[f"{m}.lora_A.weight"]) * 2.0
+                    src = (src.float() + delta).to(torch.bfloat16)
+                assert torch.equal(got, src), k
+                seen += 1
+    assert seen == 14 * 9 + 3
