@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .errors import AdapterError, InputError, NonFiniteError, OutputError, QuantError, StreamMergeError  # noqa: E402
-from .run import MergeReport, merge  # noqa: E402
+from .errors import AdapterError, InputError, NonFiniteError, OutputError, QuantError, StreamMergeError
+from .run import MergeReport, merge
 
 __all__ = [
     "AdapterError",

@@ -129,13 +129,13 @@ def _check_config(cfg: dict, path: Path) -> None:
         fail(
             f"init_lora_weights={init!r}: PEFT rewrites the base weights when this adapter loads, "
             "so merging it onto the original base from files would give a wrong model",
-            "convert it to a plain LoRA first (PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)"
-            ", which writes init_lora_weights=true)",
+            "convert it to a plain LoRA first: PEFT's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...) writes one with init_lora_weights=true",
         )
     refusals = {
-        "alora_invocation_tokens": "aLoRA (activated LoRA) only applies after its invocation tokens; it has no merged form",
+        "alora_invocation_tokens": "aLoRA only applies after its invocation tokens; it has no merged form",
         "layer_replication": "layer_replication builds new layers at load time; it cannot be merged from files",
-        "target_parameters": "target_parameters (LoRA on fused 3-D parameters such as MoE experts) is not supported yet",
+        "target_parameters": "target_parameters (LoRA on fused 3-D parameters such as MoE experts) is not supported",
         "megatron_config": "Megatron-parallel LoRA layers are not supported",
         "arrow_config": "Arrow routes between several LoRA experts per token; it has no single merged form",
         "kasa_config": "KaSA changes the base weights' singular values; it is not supported",
@@ -256,12 +256,16 @@ def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapt
             )
         missing = [k for k in (ka, kb) if k not in slot]
         if missing:
-            raise AdapterError(f"{wfile}: module {module!r} lacks {' and '.join(missing)}", hint="the adapter file is incomplete")
+            raise AdapterError(
+                f"{wfile}: module {module!r} lacks {' and '.join(missing)}", hint="the adapter file is incomplete"
+            )
         a, b = slot.pop(ka), slot.pop(kb)
         bias = slot.pop("lora_B.bias", None)
         magnitude = slot.pop("lora_magnitude_vector", None)
         if slot:
-            raise AdapterError(f"{wfile}: module {module!r} has unexpected tensors: {', '.join(v.name for v in slot.values())}")
+            raise AdapterError(
+                f"{wfile}: module {module!r} has unexpected tensors: {', '.join(v.name for v in slot.values())}"
+            )
         if len(a.shape) != 2 or len(b.shape) != 2:
             raise AdapterError(
                 f"{wfile}: {a.name} {list(a.shape)} and {b.name} {list(b.shape)} must both be 2-D",

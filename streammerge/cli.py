@@ -105,8 +105,10 @@ def _print_plan(report, out) -> None:
     for a in report.adapters:
         w(f"adapter:  {a['path']} (weight {a['weight']:g})\n")
     w(f"output:   {report.out}  dtype={report.options['dtype']} device={report.device}\n")
-    w(f"modules:  {len(report.modules)} updates on {report.tensors_merged} tensors; "
-      f"{report.tensors_copied} of {report.tensors_total} tensors copied unchanged\n")
+    w(
+        f"modules:  {len(report.modules)} updates on {report.tensors_merged} tensors; "
+        f"{report.tensors_copied} of {report.tensors_total} tensors copied unchanged\n"
+    )
     for mrec in report.modules:
         detail = f"r={mrec['r']} alpha={mrec['alpha']:g} scaling={mrec['scaling']:.6g}" if mrec["r"] else ""
         w(f"  {mrec['kind']:<9} {mrec['tensor']}  <- {mrec['module']}  {detail}\n")

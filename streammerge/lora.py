@@ -17,9 +17,7 @@ def lowrank_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, transposed: 
     return d * scaling
 
 
-def apply_lowrank(
-    w: torch.Tensor, delta: torch.Tensor, weight: float, round_to: torch.dtype | None
-) -> torch.Tensor:
+def apply_lowrank(w: torch.Tensor, delta: torch.Tensor, weight: float, round_to: torch.dtype | None) -> torch.Tensor:
     """``w += weight * delta``; with ``round_to`` the delta is first rounded to that dtype (Embedding)."""
     if weight != 1.0:
         delta = delta * weight

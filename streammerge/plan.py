@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .adapter import Adapter, LoraModule
-from .errors import AdapterError, InputError, QuantError
+from .errors import AdapterError, QuantError
 from .index import KeyMap, choose_keymap, find_input_embedding, is_tied, module_of
 from .source import DTYPES, FLOAT_DTYPES, Checkpoint, TensorRef, numel
 
@@ -191,8 +191,12 @@ def _lora_updates(
         if b[0] != out_f or a[1] != in_f:
             layout = "[in, out] (fan_in_fan_out)" if lm.fan_in_fan_out else "[out, in]"
             raise _shape_error(
-                ad, lm, base, shape, f"{lm.a.name} {list(a)} and {lm.b.name} {list(b)} imply {layout} = "
-                f"{[a[1], b[0]] if lm.fan_in_fan_out else [b[0], a[1]]}"
+                ad,
+                lm,
+                base,
+                shape,
+                f"{lm.a.name} {list(a)} and {lm.b.name} {list(b)} imply {layout} = "
+                f"{[a[1], b[0]] if lm.fan_in_fan_out else [b[0], a[1]]}",
             )
     else:
         if a[1] != shape[0] or b[0] != shape[1]:
@@ -213,8 +217,15 @@ def _lora_updates(
         ]
     else:
         upd = [
-            LowRank(lm.a, lm.b, lm.scaling, ad.weight, lm.kind == "embedding" or lm.fan_in_fan_out,
-                    lm.kind == "embedding", ad.path)
+            LowRank(
+                lm.a,
+                lm.b,
+                lm.scaling,
+                ad.weight,
+                lm.kind == "embedding" or lm.fan_in_fan_out,
+                lm.kind == "embedding",
+                ad.path,
+            )
         ]
     if lm.bias is not None:
         bias_name = module_of(base)[0] + ".bias"
@@ -274,8 +285,11 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], opts: MergeOptions) ->
                 shape = shapes[base]
             updates.setdefault(base, []).extend(_lora_updates(ad, lm, base, shape, names, bias_updates))
             keys.update(t.name for t in (lm.a, lm.b, lm.bias, lm.magnitude) if t)
-            records.append(ModuleRecord(ad.path, mod, base, "dora" if lm.magnitude else lm.kind, lm.r, lm.alpha,
-                                        lm.scaling, ad.weight))
+            records.append(
+                ModuleRecord(
+                    ad.path, mod, base, "dora" if lm.magnitude else lm.kind, lm.r, lm.alpha, lm.scaling, ad.weight
+                )
+            )
             if base == embed_key and tied and mod.endswith("lm_head"):
                 notes.append(f"{mod}: tied to {embed_key}; the LoRA update is applied to that shared tensor")
         for name, ref in ad.replacements.items():
@@ -306,12 +320,17 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], opts: MergeOptions) ->
                     f"{ad.weights_file}: {ref.name} {list(ref.shape)} cannot replace {target!r} {list(base_shape)}",
                     hint="the adapter was trained on a different model",
                 )
-            if base_shape is not None and ref.shape != base_shape:
-                if not (len(ref.shape) == 2 and ref.shape[1:] == base_shape[1:] and _is_vocab(target, embed_key)):
-                    raise AdapterError(
-                        f"{ad.weights_file}: {ref.name} {list(ref.shape)} cannot replace {target!r} {list(base_shape)}",
-                        hint="only embedding/lm_head rows may differ (a resized vocabulary)",
-                    )
+            resized_vocab = (
+                base_shape is not None
+                and len(ref.shape) == 2
+                and ref.shape[1:] == base_shape[1:]
+                and _is_vocab(target, embed_key)
+            )
+            if base_shape is not None and ref.shape != base_shape and not resized_vocab:
+                raise AdapterError(
+                    f"{ad.weights_file}: {ref.name} {list(ref.shape)} cannot replace {target!r} {list(base_shape)}",
+                    hint="only embedding/lm_head rows may differ (a resized vocabulary)",
+                )
             replaced[target] = (ad, ref)
             keys.add(ref.name)
             records.append(ModuleRecord(ad.path, mod, target, "replace", 0, 0.0, 0.0, 1.0))
@@ -339,8 +358,10 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], opts: MergeOptions) ->
         used[ad.path] = frozenset(keys)
         if ckpt.config.get("tie_word_embeddings") is None and ad.config.get("ensure_weight_tying") and tied:
             pass
-        if ad.config.get("ensure_weight_tying") and tied and any(
-            isinstance(u, (LowRank, Dora)) for u in updates.get(embed_key, [])
+        if (
+            ad.config.get("ensure_weight_tying")
+            and tied
+            and any(isinstance(u, (LowRank, Dora)) for u in updates.get(embed_key, []))
         ):
             notes.append(
                 "ensure_weight_tying: the tied embedding's LoRA update is applied once (PEFT's merge_and_unload "
@@ -411,7 +432,11 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], opts: MergeOptions) ->
             config["text_config"] = dict(config["text_config"], tie_word_embeddings=False)
     vocab = _new_vocab(jobs, embed_key, ckpt)
     if vocab is not None:
-        tgt = config["text_config"] if "vocab_size" not in config and isinstance(config.get("text_config"), dict) else config
+        tgt = (
+            config["text_config"]
+            if "vocab_size" not in config and isinstance(config.get("text_config"), dict)
+            else config
+        )
         if tgt.get("vocab_size") != vocab:
             notes.append(f"vocab_size {tgt.get('vocab_size')} -> {vocab} (resized embeddings from the adapter)")
             tgt["vocab_size"] = vocab

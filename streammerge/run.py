@@ -83,8 +83,21 @@ def parse_size(text: str | int) -> int:
     """``5GB``, ``512MiB``, ``1e9`` or a plain byte count -> bytes."""
     if isinstance(text, int):
         return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+    }
     s = str(text).strip().upper().replace(" ", "")
     i = len(s)
     while i and not (s[i - 1].isdigit() or s[i - 1] == "."):
@@ -172,7 +185,9 @@ class Executor:
             if isinstance(u, (LowRank, Dora)):
                 a, b = self._adapter_tensor(u.a, "lora_A"), self._adapter_tensor(u.b, "lora_B")
                 if not bool(b.any()):
-                    self.report.warnings.append(f"{job.name}: lora_B from {u.origin} is all zero; the merge changes nothing")
+                    self.report.warnings.append(
+                        f"{job.name}: lora_B from {u.origin} is all zero; the merge changes nothing"
+                    )
                 extra = self._adapter_tensor(u.magnitude, "DoRA magnitude") if isinstance(u, Dora) else None
                 prepared.append((u, a, b, extra))
             elif isinstance(u, BiasDelta):
@@ -220,7 +235,12 @@ def _aux_files(base: Path, adapters: list[Adapter]) -> dict[str, Path]:
     """Files copied beside the weights: the base's non-weight files, then the adapters' tokenizer files."""
     files: dict[str, Path] = {}
     for p in sorted(base.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and p.name not in SKIP_FILES and not p.name.endswith(WEIGHT_SUFFIXES):
+        if (
+            p.is_file()
+            and not p.name.startswith(".")
+            and p.name not in SKIP_FILES
+            and not p.name.endswith(WEIGHT_SUFFIXES)
+        ):
             files[p.name] = p
     for ad in adapters:
         for name in TOKENIZER_FILES:
@@ -284,8 +304,13 @@ def merge(
             base=str(base),
             adapters=[{"path": a.path, "weight": a.weight, "weights_file": a.weights_file} for a in ads],
             out=str(out),
-            options={"dtype": opts.dtype, "shard_size": opts.shard_size, "device": device,
-                     "save_method": save_method, "allow_nonfinite": allow_nonfinite},
+            options={
+                "dtype": opts.dtype,
+                "shard_size": opts.shard_size,
+                "device": device,
+                "save_method": save_method,
+                "allow_nonfinite": allow_nonfinite,
+            },
             dry_run=dry_run,
             device=str(dev),
             shards=[{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.jobs)} for s in plan.shards],
@@ -328,8 +353,15 @@ def _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, pr
     ex = Executor(reader, opts, dev, report)
     t_compute = t_write = 0.0
     meta = {"format": "pt", "streammerge": __version__}
-    bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-               desc="merging", dynamic_ncols=True)
+    bar = tqdm(
+        total=plan.total_size,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not progress,
+        desc="merging",
+        dynamic_ncols=True,
+    )
     try:
         for shard in plan.shards:
             writer = ShardWriter(work / shard.filename, [(j.name, j.dtype, j.shape) for j in shard.jobs], meta)

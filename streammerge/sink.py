@@ -43,7 +43,7 @@ class ShardWriter:
         self._left = self._specs[0][1] if self._specs else 0
         header = build_header(specs, metadata)
         try:
-            self._f = open(self.path, "wb")
+            self._f = open(self.path, "wb")  # noqa: SIM115 - held open across write() calls
             self._f.write(header)
         except OSError as e:
             raise _io_error(self.path, e) from e
@@ -146,7 +146,9 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"{out}: exists and is not empty", hint="pass --overwrite to replace it, or choose another path")
+        raise OutputError(
+            f"{out}: exists and is not empty", hint="pass --overwrite to replace it, or choose another path"
+        )
 
 
 def prepare_work_dir(out: Path) -> Path:

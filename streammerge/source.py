@@ -119,7 +119,9 @@ def parse_header(path: Path | str, error_cls: type = InputError) -> ShardHeader:
                 raise _bad(path, f"header length {n} exceeds the file size ({size} bytes) or 100 MB", error_cls)
             raw = f.read(n)
     except OSError as e:
-        raise error_cls(f"{path}: cannot read: {e.strerror or e}", hint="check that the file exists and is readable") from e
+        raise error_cls(
+            f"{path}: cannot read: {e.strerror or e}", hint="check that the file exists and is readable"
+        ) from e
     if len(raw) != n:
         raise _bad(path, "header is truncated", error_cls)
     try:
@@ -221,7 +223,9 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
     """Index a base checkpoint directory: validate config, index and every shard header."""
     root = Path(path)
     if not root.is_dir():
-        raise InputError(f"{root}: base checkpoint directory not found", hint="pass a local Hugging Face model directory")
+        raise InputError(
+            f"{root}: base checkpoint directory not found", hint="pass a local Hugging Face model directory"
+        )
     config = read_json(root / "config.json", "config.json")
     index_path = root / INDEX_NAME
     tensors: dict[str, TensorRef] = {}
@@ -319,7 +323,9 @@ class Reader:
             return self._pickled[ref.file][ref.name]
         tdtype = DTYPES[ref.dtype][1]
         if tdtype is None:
-            raise InputError(f"{ref.file}: tensor {ref.name!r} has dtype {ref.dtype}, which this torch cannot compute on")
+            raise InputError(
+                f"{ref.file}: tensor {ref.name!r} has dtype {ref.dtype}, which this torch cannot compute on"
+            )
         if ref.nbytes == 0:
             return torch.empty(ref.shape, dtype=tdtype)
         self.bytes_read += ref.nbytes

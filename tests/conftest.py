@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import build_adapter, build_model, save_base  # noqa: E402
+from helpers import build_adapter, build_model, save_base
 
 torch.set_num_threads(2)
 

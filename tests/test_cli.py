@@ -11,8 +11,9 @@ from streammerge.cli import main
 
 
 def run(*args, check_rc=None):
-    proc = subprocess.run([sys.executable, "-m", "streammerge", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "streammerge", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     if check_rc is not None:
         assert proc.returncode == check_rc, (proc.returncode, proc.stderr)
     return proc
@@ -37,8 +38,21 @@ def test_merge_json_report(llama_pair, tmp_path):
     base, ad = llama_pair
     p = run("merge", base, ad, tmp_path / "out", "--json", "--shard-size", "100KB", check_rc=0)
     rep = json.loads(p.stdout)
-    for key in ("version", "base", "adapters", "out", "options", "shards", "total_size", "modules", "seconds",
-                "peak_rss_bytes", "tensors_merged", "warnings", "notes"):
+    for key in (
+        "version",
+        "base",
+        "adapters",
+        "out",
+        "options",
+        "shards",
+        "total_size",
+        "modules",
+        "seconds",
+        "peak_rss_bytes",
+        "tensors_merged",
+        "warnings",
+        "notes",
+    ):
         assert key in rep
     assert rep["tensors_merged"] == 6 and len(rep["shards"]) >= 2
     assert sum(s["bytes"] for s in rep["shards"]) == rep["total_size"]
@@ -46,7 +60,7 @@ def test_merge_json_report(llama_pair, tmp_path):
 
 
 def test_error_exit_1_names_problem(llama_pair, tmp_path):
-    base, ad = llama_pair
+    base, _ = llama_pair
     p = run("merge", base, tmp_path / "nowhere", tmp_path / "out", check_rc=1)
     assert "adapter directory not found" in p.stderr
     assert not (tmp_path / "out").exists()

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 import torch
-from helpers import write_synthetic_llama
 from safetensors import safe_open
+
+from streammerge.synthetic import write_synthetic_llama
 
 CAP = 450 * 2**20
 
@@ -22,13 +23,34 @@ def test_merge_under_data_cap_on_model_three_times_larger(tmp_path):
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     assert size > 3 * CAP
     out = tmp_path / "out"
-    cmd = ["prlimit", f"--data={CAP}", sys.executable, "-m", "streammerge", "merge", str(base), str(ad), str(out),
-           "--shard-size", "400MB", "--json", "--no-progress"]
+    cmd = [
+        "prlimit",
+        f"--data={CAP}",
+        sys.executable,
+        "-m",
+        "streammerge",
+        "merge",
+        str(base),
+        str(ad),
+        str(out),
+        "--shard-size",
+        "400MB",
+        "--json",
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # a control: the same cap is really binding (allocating the model's size fails under it)
-    ctl = subprocess.run(["prlimit", f"--data={CAP}", sys.executable, "-c",
-                          f"import torch; torch.empty({size}, dtype=torch.uint8).fill_(1)"], capture_output=True)
+    ctl = subprocess.run(
+        [
+            "prlimit",
+            f"--data={CAP}",
+            sys.executable,
+            "-c",
+            f"import torch; torch.empty({size}, dtype=torch.uint8).fill_(1)",
+        ],
+        capture_output=True,
+    )
     assert ctl.returncode != 0
     # check every tensor: adapted ones against a dense reference, the rest byte for byte
     from safetensors.torch import load_file

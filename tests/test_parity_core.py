@@ -36,7 +36,9 @@ def _check(tmp_path, base, adapter, dtype, out_name="out", logit_tol=None, **mer
     got = logits(merged, ids)
     assert torch.equal(got, logits(ref, ids)), "same weights must give the same logits"
     unmerged = logits(peft_unmerged(base, adapter, dtype=dtype), ids)
-    tol = logit_tol if logit_tol is not None else {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    tol = (
+        logit_tol if logit_tol is not None else {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    )
     assert (got - unmerged).abs().max().item() <= tol
     return report, out
 
@@ -45,13 +47,10 @@ def test_llama_bf16_sharded(tmp_path):
     model = build_model("llama", torch.bfloat16)
     base = save_base(model, tmp_path / "base", shard="60KB")
     assert (base / "model.safetensors.index.json").exists()
-    adapter = build_adapter(model, tmp_path / "ad", r=8, lora_alpha=16, target_modules=ATTN_MLP + ["lm_head"])
+    adapter = build_adapter(model, tmp_path / "ad", r=8, lora_alpha=16, target_modules=[*ATTN_MLP, "lm_head"])
     report, out = _check(tmp_path, base, adapter, torch.bfloat16, shard_size="50KB")
     assert len(report.shards) > 2
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    sizes = {}
-    for name, f in index["weight_map"].items():
-        sizes.setdefault(f, 0)
     files = sorted(p.name for p in out.glob("*.safetensors"))
     assert sorted(set(index["weight_map"].values())) == files
     assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
@@ -94,7 +93,9 @@ def test_qwen2_fp16_bias_rslora_patterns(tmp_path):
 def test_qwen2_lora_bias(tmp_path):
     model = build_model("qwen2", torch.float32)
     base = save_base(model, tmp_path / "base")
-    adapter = build_adapter(model, tmp_path / "ad", r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "v_proj"])
+    adapter = build_adapter(
+        model, tmp_path / "ad", r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "v_proj"]
+    )
     _check(tmp_path, base, adapter, torch.float32)
     ref_bias = load_base(base).state_dict()["model.layers.0.self_attn.q_proj.bias"]
     assert not torch.equal(read_dir(tmp_path / "out")["model.layers.0.self_attn.q_proj.bias"], ref_bias)
@@ -103,8 +104,9 @@ def test_qwen2_lora_bias(tmp_path):
 def test_gpt2_fp32_conv1d_fan_in_fan_out(tmp_path):
     model = build_model("gpt2", torch.float32)
     base = save_base(model, tmp_path / "base")
-    adapter = build_adapter(model, tmp_path / "ad", r=4, lora_alpha=8, fan_in_fan_out=True,
-                            target_modules=["c_attn", "c_proj", "c_fc"])
+    adapter = build_adapter(
+        model, tmp_path / "ad", r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"]
+    )
     report, _ = _check(tmp_path, base, adapter, torch.float32)
     assert report.tensors_merged == 2 * 4
 
@@ -137,8 +139,10 @@ def test_adapter_name_in_keys_and_row_blocks(tmp_path):
     base = save_base(model, tmp_path / "base")
     adapter = build_adapter(model, tmp_path / "ad", r=8, lora_alpha=16, target_modules=ATTN_MLP)
     sd = load_file(adapter / "adapter_model.safetensors")
-    renamed = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
-               for k, v in sd.items()}
+    renamed = {
+        k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+        for k, v in sd.items()
+    }
     save_file(renamed, adapter / "adapter_model.safetensors")
     out = tmp_path / "out"
     streammerge.merge(base, adapter, out, block_bytes=1)  # one row per block

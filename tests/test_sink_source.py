@@ -13,8 +13,18 @@ from streammerge.errors import InputError, OutputError
 from streammerge.sink import ShardWriter, build_header
 from streammerge.source import Reader, parse_header
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int8, torch.uint8, torch.bool,
-          torch.float8_e4m3fn, torch.int32, torch.float64]
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+    torch.int32,
+    torch.float64,
+]
 
 
 def _tensors():
@@ -49,8 +59,10 @@ def test_writer_round_trip_with_safe_open(tmp_path):
         for k, v in tensors.items():
             got = g.get_tensor(k)
             assert got.dtype == v.dtype and got.shape == v.shape
-            assert torch.equal(got.view(torch.uint8) if v.dtype.itemsize == 1 else got, v.view(torch.uint8)
-                               if v.dtype.itemsize == 1 else v)
+            assert torch.equal(
+                got.view(torch.uint8) if v.dtype.itemsize == 1 else got,
+                v.view(torch.uint8) if v.dtype.itemsize == 1 else v,
+            )
     # our own validator accepts it, and reads the same bytes back through the mmap
     h = parse_header(tmp_path / "a.safetensors")
     r = Reader()
@@ -100,8 +112,15 @@ BAD = {
     "bad_dtype": ({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, None, b"\0", "dtype 'Q7'"),
     "bad_shape": ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, None, b"\0" * 4, "invalid shape"),
     "size_mismatch": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, None, b"\0" * 4, "expected 8"),
-    "overlap": ({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
-                 "b": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]}}, None, b"\0" * 6, "overlaps"),
+    "overlap": (
+        {
+            "a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+            "b": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]},
+        },
+        None,
+        b"\0" * 6,
+        "overlaps",
+    ),
     "gap": ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]}}, None, b"\0" * 4, "gap"),
     "truncated": ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None, b"\0" * 10, "truncated"),
     "trailing": ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}, None, b"\0" * 5, "trailing"),

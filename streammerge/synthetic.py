@@ -1,0 +1,104 @@
+"""Synthetic Llama-shaped checkpoints and adapters, built with the runtime dependencies only.
+
+Used by ``make demo``, the benchmark and the memory tests. Shards are written one at a time, so a
+checkpoint larger than RAM can be built.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def write_synthetic_llama(
+    root: Path,
+    hidden: int,
+    inter: int,
+    layers: int,
+    vocab: int,
+    kv_heads: int,
+    heads: int,
+    shards: int = 4,
+    r: int = 16,
+    dtype=torch.bfloat16,
+    seed: int = 0,
+) -> tuple[Path, Path]:
+    """Write a Llama-shaped checkpoint to ``root/base`` and an r-rank LoRA adapter on all 7 projections
+    of every layer to ``root/adapter`` (PEFT's file layout); returns both paths."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    head_dim = hidden // heads
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    proj = {
+        "self_attn.q_proj": (heads * head_dim, hidden),
+        "self_attn.k_proj": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj": (kv_heads * head_dim, hidden),
+        "self_attn.o_proj": (hidden, heads * head_dim),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
+    for i in range(layers):
+        for k, s in proj.items():
+            shapes[f"model.layers.{i}.{k}.weight"] = s
+        shapes[f"model.layers.{i}.input_layernorm.weight"] = (hidden,)
+        shapes[f"model.layers.{i}.post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    base, ad = root / "base", root / "adapter"
+    base.mkdir(parents=True)
+    ad.mkdir(parents=True)
+    names = list(shapes)
+    per = -(-len(names) // shards)
+    weight_map, total = {}, 0
+    for si in range(shards):
+        fname = f"model-{si + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: (torch.randn(shapes[n], generator=g) * 0.02).to(dtype) for n in names[si * per : (si + 1) * per]}
+        save_file(part, base / fname, metadata={"format": "pt"})
+        for n, t in part.items():
+            weight_map[n] = fname
+            total += t.numel() * t.element_size()
+        del part
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096,
+        "hidden_act": "silu",
+    }
+    (base / "config.json").write_text(json.dumps(cfg))
+    lora = {}
+    for i in range(layers):
+        for k, (o, n_in) in proj.items():
+            m = f"base_model.model.model.layers.{i}.{k}"
+            lora[f"{m}.lora_A.weight"] = torch.randn(r, n_in, generator=g) * 0.01
+            lora[f"{m}.lora_B.weight"] = torch.randn(o, r, generator=g) * 0.01
+    save_file(lora, ad / "adapter_model.safetensors")
+    (ad / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": r,
+                "lora_alpha": 2 * r,
+                "target_modules": [k.split(".")[-1] for k in proj],
+                "lora_dropout": 0.0,
+                "bias": "none",
+            }
+        )
+    )
+    return base, ad
