@@ -59,6 +59,7 @@ class Adapter:
     config: dict
     modules: dict[str, LoraModule] = field(default_factory=dict)
     replacements: dict[str, TensorRef] = field(default_factory=dict)  # base-named tensor -> full tensor
+    base_layer_copies: set[str] = field(default_factory=set)  # replacements saved as ``<m>.base_layer.*``
     tokens: dict[str, TokenDelta] = field(default_factory=dict)
     tensors: dict[str, TensorRef] = field(default_factory=dict)  # every tensor in the file, by key
     used_keys: set[str] = field(default_factory=set)
@@ -223,7 +224,9 @@ def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapt
         m = _LORA_KEY.match(_normalize(key))
         if m is None:
             name = _normalize(key)
-            name = re.sub(r"\.base_layer(?=\.)", "", name)
+            if ".base_layer." in name:
+                name = name.replace(".base_layer.", ".")
+                ad.base_layer_copies.add(name)
             name = re.sub(r"\.modules_to_save\.[^.]+(?=\.)", "", name)
             if name in ad.replacements:
                 raise AdapterError(f"{wfile}: two tensors replace {name!r} (second: {key!r})")

@@ -274,24 +274,6 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], opts: MergeOptions) ->
                 return embed_key
             return None
 
-        for mod, lm in ad.modules.items():
-            base = base_name(mod)
-            if base is None:
-                unmatched += [lm.a.name, lm.b.name] + [t.name for t in (lm.bias, lm.magnitude) if t]
-                continue
-            if base in replaced and replaced[base][1].shape != shapes[base]:
-                shape = replaced[base][1].shape
-            else:
-                shape = shapes[base]
-            updates.setdefault(base, []).extend(_lora_updates(ad, lm, base, shape, names, bias_updates))
-            keys.update(t.name for t in (lm.a, lm.b, lm.bias, lm.magnitude) if t)
-            records.append(
-                ModuleRecord(
-                    ad.path, mod, base, "dora" if lm.magnitude else lm.kind, lm.r, lm.alpha, lm.scaling, ad.weight
-                )
-            )
-            if base == embed_key and tied and mod.endswith("lm_head"):
-                notes.append(f"{mod}: tied to {embed_key}; the LoRA update is applied to that shared tensor")
         for name, ref in ad.replacements.items():
             mod, param = module_of(name)
             base = base_name(mod, param)
@@ -303,10 +285,13 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], opts: MergeOptions) ->
                 else:
                     unmatched.append(ref.name)
                     continue
-            elif tied and base == embed_key:
-                untie = True
+            elif tied and base == embed_key and name not in ad.base_layer_copies:
+                untie = True  # modules_to_save on one side of a tie gives it its own tensor
                 if mod.endswith("lm_head"):
                     target = out_key
+            if target in replaced and replaced[target][0] is ad and name in ad.base_layer_copies:
+                keys.add(ref.name)  # PEFT saved the shared tensor of a tie twice (embed_tokens and lm_head)
+                continue
             if target in replaced:
                 raise AdapterError(
                     f"{target!r} is replaced by both {replaced[target][0].path} and {ad.path}",
@@ -334,6 +319,41 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], opts: MergeOptions) ->
             replaced[target] = (ad, ref)
             keys.add(ref.name)
             records.append(ModuleRecord(ad.path, mod, target, "replace", 0, 0.0, 0.0, 1.0))
+        # ensure_weight_tying: PEFT adds a tied lm_head LoRA that mirrors the embedding LoRA. Both land on
+        # the one shared tensor, and PEFT's merge adds the delta twice; the unmerged model applies it once.
+        mirrored_tie = (
+            tied
+            and bool(ad.config.get("ensure_weight_tying"))
+            and any(lm.kind == "embedding" and base_name(m) == embed_key for m, lm in ad.modules.items())
+        )
+        for mod, lm in ad.modules.items():
+            base = base_name(mod)
+            if base is None:
+                unmatched += [lm.a.name, lm.b.name] + [t.name for t in (lm.bias, lm.magnitude) if t]
+                continue
+            if mirrored_tie and base == embed_key and lm.kind == "linear":
+                keys.update(t.name for t in (lm.a, lm.b, lm.bias, lm.magnitude) if t)
+                notes.append(
+                    f"ensure_weight_tying: {mod} mirrors the tied embedding's LoRA; its update is applied once "
+                    "(PEFT's merge_and_unload applies it twice, which changes the model's outputs)"
+                )
+                continue
+            if base in replaced and replaced[base][1].shape != shapes[base]:
+                shape = replaced[base][1].shape
+            else:
+                shape = shapes[base]
+            updates.setdefault(base, []).extend(_lora_updates(ad, lm, base, shape, names, bias_updates))
+            keys.update(t.name for t in (lm.a, lm.b, lm.bias, lm.magnitude) if t)
+            records.append(
+                ModuleRecord(
+                    ad.path, mod, base, "dora" if lm.magnitude else lm.kind, lm.r, lm.alpha, lm.scaling, ad.weight
+                )
+            )
+            if base == embed_key and tied and mod.endswith("lm_head"):
+                notes.append(
+                    f"{mod}: tied to {embed_key}; the LoRA update goes into that shared tensor, so it also changes "
+                    "the input embedding (as in PEFT's merge_and_unload)"
+                )
         for mod, td in ad.tokens.items():
             base = base_name(mod)
             if base is None:
@@ -356,18 +376,6 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], opts: MergeOptions) ->
                 f"{ad.weights_file}: {len(unused)} adapter tensor(s) would not be used", details=sorted(unused)
             )
         used[ad.path] = frozenset(keys)
-        if ckpt.config.get("tie_word_embeddings") is None and ad.config.get("ensure_weight_tying") and tied:
-            pass
-        if (
-            ad.config.get("ensure_weight_tying")
-            and tied
-            and any(isinstance(u, (LowRank, Dora)) for u in updates.get(embed_key, []))
-        ):
-            notes.append(
-                "ensure_weight_tying: the tied embedding's LoRA update is applied once (PEFT's merge_and_unload "
-                "applies it twice, which changes the model's outputs)"
-            )
-
     for bias_name, items in bias_updates.items():
         for ad, lm in items:
             if lm.bias.shape != shapes[bias_name]:
@@ -408,10 +416,6 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], opts: MergeOptions) ->
         return TensorJob(name, dtype, src.shape, src, ups, note)
 
     for name, ref in ckpt.tensors.items():
-        if name in replaced and tied and name == embed_key and out_key not in names and out_key not in replaced:
-            # the output head keeps the original (merged) embedding once the tie is broken
-            jobs.append(job_for(name, ref))
-            continue
         jobs.append(job_for(name, ref))
     if untie and out_key not in names:
         if out_key in replaced:
