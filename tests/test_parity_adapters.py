@@ -292,3 +292,58 @@ def test_architectures(tmp_path, arch, dtype, targets):
     base = save_base(model, tmp_path / "base")
     ad = build_adapter(model, tmp_path / "ad", r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=arch == "gpt2")
     _merge_and_compare(tmp_path, base, ad, dtype)
+
+
+def test_mixtral_style_moe_with_per_expert_linear_adapter(tmp_path):
+    """transformers v4-era adapters target each expert's w1/w2/w3 Linear; the checkpoint on disk keeps
+    per-expert tensors, so the merge is per tensor. Checked against a dense reference and by loading."""
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    cfg = tf.MixtralConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    model = tf.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    base = save_base(model, tmp_path / "base")
+    sd = load_file(base / "model.safetensors")
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    r, alpha = 4, 8
+    lora, expected = {}, dict(sd)
+    for name, w in sd.items():
+        if name.endswith((".w1.weight", ".w2.weight", ".w3.weight", "q_proj.weight")):
+            m = name[: -len(".weight")]
+            a = torch.randn(r, w.shape[1]) * 0.1
+            b = torch.randn(w.shape[0], r) * 0.1
+            lora[f"base_model.model.{m}.lora_A.weight"], lora[f"base_model.model.{m}.lora_B.weight"] = a, b
+            expected[name] = (w.float() + (b @ a) * (alpha / r)).to(w.dtype)
+    save_file(lora, ad / "adapter_model.safetensors")
+    (ad / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": r,
+                "lora_alpha": alpha,
+                "target_modules": ["w1", "w2", "w3", "q_proj"],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    report = streammerge.merge(base, ad, out)
+    assert report.tensors_merged == 2 * (4 * 3 + 1)
+    got = read_dir(out)
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+    ref_dir = tmp_path / "ref"
+    shutil.copytree(base, ref_dir)
+    save_file(expected, ref_dir / "model.safetensors", metadata={"format": "pt"})
+    ids = sample_ids(128)
+    assert torch.equal(logits(load_base(out), ids), logits(load_base(ref_dir), ids))
