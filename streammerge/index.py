@@ -91,3 +91,46 @@ def is_tied(config: dict, names: set[str], output_key: str = "lm_head.weight") -
                 return False  # stored explicitly: treat as its own tensor
             return cfg["tie_word_embeddings"]
     return output_key not in names
+
+
+# --- bitsandbytes companion keys -------------------------------------------------------------------
+
+Q4_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+QSTATE_MARK = ".quant_state.bitsandbytes__"
+
+
+def find_quantized(names: Iterable[str]) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """Group bitsandbytes companion keys by the weight they belong to, detected by keys (not module names).
+
+    Returns ``(four_bit, int8)``: weight name -> {part: tensor name}. 4-bit parts: ``weight``,
+    ``absmax``, ``quant_map``, ``nested_absmax``, ``nested_quant_map``, ``quant_state``. 8-bit parts:
+    ``weight``, ``SCB`` and optionally ``weight_format``.
+    """
+    names = set(names)
+    four: dict[str, dict[str, str]] = {}
+    for n in names:
+        if QSTATE_MARK in n:
+            w = n[: n.index(QSTATE_MARK)]
+            four.setdefault(w, {})["quant_state"] = n
+    for w, parts in four.items():
+        parts["weight"] = w
+        for suf in Q4_SUFFIXES:
+            if w + suf in names:
+                parts[suf[1:]] = w + suf
+    int8: dict[str, dict[str, str]] = {}
+    for n in names:
+        if n.endswith(".SCB"):
+            m = n[: -len(".SCB")]
+            parts = {"weight": m + ".weight", "SCB": n}
+            if m + ".weight_format" in names:
+                parts["weight_format"] = m + ".weight_format"
+            int8[m + ".weight"] = parts
+    return four, int8
+
+
+def stray_quant_keys(names: Iterable[str], four: dict, int8: dict) -> list[str]:
+    """Companion-looking keys that belong to no quantized weight (a checkpoint missing pieces)."""
+    used = {v for parts in list(four.values()) + list(int8.values()) for v in parts.values()}
+    return sorted(
+        n for n in names if n not in used and (n.endswith((*Q4_SUFFIXES, ".SCB", ".weight_format")) or QSTATE_MARK in n)
+    )

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .adapter import Adapter, LoraModule
 from .errors import AdapterError, QuantError
-from .index import KeyMap, choose_keymap, find_input_embedding, is_tied, module_of
-from .source import DTYPES, FLOAT_DTYPES, Checkpoint, TensorRef, numel
-
-QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format")
+from .index import (
+    KeyMap,
+    choose_keymap,
+    find_input_embedding,
+    find_quantized,
+    is_tied,
+    module_of,
+    stray_quant_keys,
+)
+from .quant import parse_quant_state
+from .source import CONFIG_DTYPE_NAME, DTYPES, FLOAT_DTYPES, Checkpoint, TensorRef, numel
 
 
 @dataclass(frozen=True)
@@ -62,23 +70,94 @@ Update = LowRank | BiasDelta | Dora | RowReplace
 
 
 @dataclass(frozen=True)
+class Quant4Source:
+    """A bitsandbytes 4-bit weight: packed codes plus statistics, each possibly in another shard."""
+
+    name: str
+    dtype: str  # the dtype bitsandbytes dequantizes to (quant_state "dtype")
+    shape: tuple[int, ...]
+    packed: TensorRef
+    absmax: TensorRef
+    quant_map: TensorRef
+    state: TensorRef
+    quant_type: str
+    blocksize: int
+    nested_absmax: TensorRef | None = None
+    nested_quant_map: TensorRef | None = None
+    nested_blocksize: int = 256
+    nested_offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class Int8Source:
+    """A bitsandbytes LLM.int8 weight: int8 rows and their fp32 scales."""
+
+    name: str
+    dtype: str  # the model dtype the dequantized weight is cast to
+    shape: tuple[int, ...]
+    cb: TensorRef
+    scb: TensorRef
+    weight_format: TensorRef | None = None
+
+
+Source = TensorRef | Quant4Source | Int8Source
+
+
+@dataclass(frozen=True)
+class QuantOut:
+    """Re-quantize this output to bitsandbytes 4-bit (``merged_4bit``)."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+
+
+@dataclass(frozen=True)
 class TensorJob:
     """One output tensor: where its bytes come from and what is applied to them."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
-    source: TensorRef
+    source: Source
     updates: tuple[Update, ...] = ()
     note: str = ""
+    quant: QuantOut | None = None
+
+    @property
+    def outputs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """The tensors this job writes, in order: one, or a 4-bit weight and its companions."""
+        if self.quant is None:
+            return [(self.name, self.dtype, self.shape)]
+        return quant4_layout(self.name, self.shape, self.quant)
 
     @property
     def nbytes(self) -> int:
-        return numel(self.shape) * DTYPES[self.dtype][0]
+        return sum(numel(s) * DTYPES[d][0] for _, d, s in self.outputs)
 
     @property
     def is_copy(self) -> bool:
-        return not self.updates and self.dtype == self.source.dtype and self.shape == self.source.shape
+        return (
+            isinstance(self.source, TensorRef)
+            and not self.updates
+            and self.quant is None
+            and self.dtype == self.source.dtype
+            and self.shape == self.source.shape
+        )
+
+
+def quant4_layout(name: str, shape: tuple[int, ...], q: QuantOut) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Names, dtypes and shapes transformers writes for one 4-bit weight (uint8 storage)."""
+    from .quant import QUANT_STATE_BYTES
+
+    n = numel(shape)
+    blocks = -(-n // q.blocksize)
+    out = [(name, "U8", ((n + 1) // 2, 1)), (f"{name}.absmax", "U8" if q.double_quant else "F32", (blocks,))]
+    out.append((f"{name}.quant_map", "F32", (16,)))
+    if q.double_quant:
+        out += [(f"{name}.nested_absmax", "F32", (-(-blocks // 256),)), (f"{name}.nested_quant_map", "F32", (256,))]
+    out.append((f"{name}.quant_state.bitsandbytes__{q.quant_type}", "U8", (QUANT_STATE_BYTES,)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -111,6 +190,7 @@ class MergeOptions:
     shard_size: int = 5_000_000_000
     device: str = "auto"
     save_method: str = "merged_16bit"
+    quant: QuantOut | None = None  # merged_4bit settings for a 16-bit base (None: the input's own)
     allow_nonfinite: bool = False
     block_bytes: int = 64 * 1024 * 1024
 
@@ -134,23 +214,113 @@ class MergePlan:
         return [j for s in self.shards for j in s.jobs]
 
 
-def base_float_dtype(ckpt: Checkpoint) -> str:
-    """The dtype holding most float bytes in the checkpoint."""
-    totals: dict[str, int] = {}
-    for t in ckpt.tensors.values():
-        if t.dtype in FLOAT_DTYPES:
-            totals[t.dtype] = totals.get(t.dtype, 0) + t.nbytes
-    return max(totals, key=totals.get) if totals else "F32"
-
-
-def check_not_quantized(ckpt: Checkpoint) -> None:
-    quant = [n for n in ckpt.tensors if n.endswith(QUANT_SUFFIXES) or ".quant_state." in n]
-    if quant or ckpt.config.get("quantization_config"):
+def logical_tensors(
+    ckpt: Checkpoint, read_bytes: Callable[[TensorRef], bytes]
+) -> tuple[dict[str, Source], dict[str, QuantOut]]:
+    """The checkpoint as the model sees it: bitsandbytes weights grouped with their companion tensors
+    (by keys, not module names) and given their dequantized shape and dtype. Also returns the input's
+    4-bit settings per weight (for ``merged_4bit``)."""
+    four, int8 = find_quantized(ckpt.tensors)
+    stray = stray_quant_keys(ckpt.tensors, four, int8)
+    if stray:
         raise QuantError(
-            f"{ckpt.path}: is a quantized checkpoint"
-            + (f" (e.g. {quant[0]})" if quant else " (config.json has quantization_config)"),
-            hint="pass the original 16-bit checkpoint as BASE; quantized bases are not supported in this version",
+            f"{ckpt.path}: {len(stray)} quantization tensor(s) belong to no quantized weight",
+            details=stray,
+            hint="the checkpoint is incomplete (a shard missing?) or was saved by an unsupported tool",
         )
+    t = ckpt.tensors
+    consumed: set[str] = set()
+    sources: dict[str, Source] = {}
+    settings: dict[str, QuantOut] = {}
+    for w, parts in four.items():
+        missing = [p for p in ("weight", "absmax", "quant_map") if p not in parts or parts[p] not in t]
+        if missing:
+            raise QuantError(f"{ckpt.path}: 4-bit weight {w!r} lacks {', '.join(missing)}")
+        state = parse_quant_state(read_bytes(t[parts["quant_state"]]), f"{ckpt.path}: {parts['quant_state']}")
+        nested = "nested_absmax" in parts
+        if nested != ("nested_quant_map" in parts) or nested != ("nested_offset" in state):
+            raise QuantError(f"{ckpt.path}: {w!r} has an incomplete double-quantization state")
+        shape = tuple(state["shape"])
+        n, bs = numel(shape), state["blocksize"]
+        blocks = -(-n // bs)
+        packed, absmax = t[parts["weight"]], t[parts["absmax"]]
+        want_absmax = ("U8" if nested else "F32", blocks)
+        if packed.nbytes != (n + 1) // 2 or (absmax.dtype, absmax.numel) != want_absmax:
+            raise QuantError(
+                f"{ckpt.path}: 4-bit weight {w!r} of shape {list(shape)}: packed {packed.nbytes} bytes "
+                f"(expected {(n + 1) // 2}), absmax {absmax.dtype}[{absmax.numel}] (expected "
+                f"{want_absmax[0]}[{blocks}])",
+                hint="the quant_state does not match the stored tensors; the checkpoint is corrupt",
+            )
+        sources[w] = Quant4Source(
+            w,
+            FLOAT_NAMES[state["dtype"]],
+            shape,
+            packed,
+            absmax,
+            t[parts["quant_map"]],
+            t[parts["quant_state"]],
+            state["quant_type"],
+            bs,
+            t.get(parts.get("nested_absmax", "")),
+            t.get(parts.get("nested_quant_map", "")),
+            int(state.get("nested_blocksize", 256)),
+            float(state.get("nested_offset", 0.0)),
+        )
+        settings[w] = QuantOut(state["quant_type"], bs, nested)
+        consumed.update(parts.values())
+    model_dtype = config_dtype(ckpt.config) or "F16"
+    for w, parts in int8.items():
+        cb, scb = t.get(parts["weight"]), t[parts["SCB"]]
+        if cb is None or cb.dtype != "I8" or len(cb.shape) != 2 or scb.shape != (cb.shape[0],) or scb.dtype != "F32":
+            found = f"{cb.dtype} {list(cb.shape)}" if cb else "nothing"
+            raise QuantError(
+                f"{ckpt.path}: 8-bit weight {w!r}: expected int8 [out, in] with F32 SCB [out], found "
+                f"{found} and SCB {scb.dtype} {list(scb.shape)}"
+            )
+        sources[w] = Int8Source(w, model_dtype, cb.shape, cb, scb, t.get(parts.get("weight_format", "")))
+        consumed.update(parts.values())
+    out: dict[str, Source] = {}
+    for name, ref in t.items():
+        if name in sources:
+            out[name] = sources[name]
+        elif name not in consumed:
+            out[name] = ref
+    return out, settings
+
+
+FLOAT_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def config_dtype(config: dict) -> str | None:
+    """The model dtype config.json declares (``dtype`` or ``torch_dtype``, also under ``text_config``)."""
+    for cfg in (config, config.get("text_config") or {}):
+        name = cfg.get("dtype", cfg.get("torch_dtype")) if isinstance(cfg, dict) else None
+        if isinstance(name, str) and name in FLOAT_NAMES:
+            return FLOAT_NAMES[name]
+    return None
+
+
+def compute_dtype(config: dict) -> str | None:
+    """``bnb_4bit_compute_dtype`` of a quantized checkpoint, if any."""
+    name = (config.get("quantization_config") or {}).get("bnb_4bit_compute_dtype")
+    return FLOAT_NAMES.get(name) if isinstance(name, str) else None
+
+
+def quantizable(name: str, shape: tuple[int, ...], embed_key: str | None) -> bool:
+    """For a 16-bit base written as ``merged_4bit``: the Linear weights inside the layer stack (not
+    embeddings, the output head, norms or MoE routers): the modules transformers would quantize."""
+    mod, param = module_of(name)
+    last = mod.rsplit(".", 1)[-1]
+    return (
+        param == "weight"
+        and len(shape) == 2
+        and name != embed_key
+        and any(part.isdigit() for part in mod.split("."))
+        and last not in ("gate", "router", "lm_head")
+        and "norm" not in last
+        and "embed" not in last
+    )
 
 
 def layout_shards(jobs: list[TensorJob], shard_size: int) -> list[list[TensorJob]]:
@@ -239,11 +409,13 @@ def _lora_updates(
     return upd
 
 
-def build_plan(ckpt: Checkpoint, adapters: list[Adapter], opts: MergeOptions) -> MergePlan:
+def build_plan(
+    ckpt: Checkpoint, adapters: list[Adapter], opts: MergeOptions, read_bytes: Callable[[TensorRef], bytes]
+) -> MergePlan:
     """Match every adapter tensor to the base, check shapes, and lay out the output shards."""
-    check_not_quantized(ckpt)
-    names = set(ckpt.tensors)
-    shapes = {n: t.shape for n, t in ckpt.tensors.items()}
+    logical, qsettings = logical_tensors(ckpt, read_bytes)
+    names = set(logical)
+    shapes = {n: t.shape for n, t in logical.items()}
     base_modules = {module_of(n)[0] for n in names}
     embed_key = find_input_embedding(shapes)
     tied = embed_key is not None and is_tied(ckpt.config, names)
@@ -393,48 +565,99 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], opts: MergeOptions) ->
             )
 
     target_dtype = None if opts.dtype == "auto" else opts.dtype
+    dequant_dtype = target_dtype or compute_dtype(ckpt.config)
+    four_bit_out = opts.save_method == "merged_4bit"
     jobs: list[TensorJob] = []
 
-    def out_dtype(src: TensorRef) -> str:
+    def out_dtype(src: Source) -> str:
+        if isinstance(src, (Quant4Source, Int8Source)):
+            return dequant_dtype or src.dtype
         if target_dtype and src.dtype in FLOAT_DTYPES:
             return target_dtype
         return src.dtype
 
-    def job_for(name: str, base_ref: TensorRef | None) -> TensorJob:
+    def quant_for(name: str, src: Source, shape: tuple[int, ...]) -> QuantOut | None:
+        if not four_bit_out:
+            return None
+        if isinstance(src, Quant4Source):
+            return opts.quant or qsettings[name]
+        if quantizable(name, shape, embed_key):
+            return opts.quant or QuantOut()
+        return None
+
+    def job_for(name: str, base_ref: Source | None) -> TensorJob:
         src = base_ref
         note = ""
         if name in replaced:
             ad, src = replaced[name]
             note = f"replaced by {ad.path}"
-            dtype = out_dtype(base_ref) if base_ref is not None else out_dtype(ckpt.tensors[embed_key])
+            dtype = out_dtype(base_ref) if base_ref is not None else out_dtype(logical[embed_key])
         else:
             dtype = out_dtype(src)
         ups = tuple(updates.get(name, ()))
         if ups and dtype not in FLOAT_DTYPES:
             raise AdapterError(f"base tensor {name!r} has dtype {dtype}; LoRA can only update float tensors")
         _check_rows(name, src.shape, ups)
-        return TensorJob(name, dtype, src.shape, src, ups, note)
+        quant = quant_for(name, base_ref if base_ref is not None else src, src.shape) if dtype in FLOAT_DTYPES else None
+        return TensorJob(name, dtype, src.shape, src, ups, note, quant)
 
-    for name, ref in ckpt.tensors.items():
+    for name, ref in logical.items():
         jobs.append(job_for(name, ref))
     if untie and out_key not in names:
         if out_key in replaced:
             jobs.append(job_for(out_key, None))
         else:
             base_job = next(j for j in jobs if j.name == embed_key)
-            src = ckpt.tensors[embed_key]
+            src = logical[embed_key]
             ups = tuple(u for u in updates.get(embed_key, ()))
             jobs.append(TensorJob(out_key, base_job.dtype, src.shape, src, ups, f"untied copy of {embed_key}"))
         notes.append("tie_word_embeddings set to false: input and output embeddings now differ")
 
+    n4 = sum(isinstance(s, Quant4Source) for s in logical.values())
+    n8 = sum(isinstance(s, Int8Source) for s in logical.values())
     config = dict(ckpt.config)
-    if target_dtype:
-        _set_config_dtype(config, target_dtype)
+    if n4 or n8:
+        kind = f"{n4} bitsandbytes 4-bit" if n4 else f"{n8} bitsandbytes 8-bit"
+        notes.append(
+            f"base holds {kind} weights: merged onto their dequantized values (what a QLoRA adapter was trained "
+            "against); to merge onto full-precision weights instead, pass the original 16-bit checkpoint as BASE"
+        )
+    config.pop("quantization_config", None)
+    out_float = target_dtype or (dequant_dtype if (n4 or n8) else None)
+    if out_float:
+        _set_config_dtype(config, out_float)
+    if four_bit_out:
+        qjobs = [j for j in jobs if j.quant is not None]
+        if not qjobs:
+            raise QuantError(f"{ckpt.path}: --save-method merged_4bit found no Linear weight to quantize")
+        q = qjobs[0].quant
+        skipped = sorted(
+            {module_of(j.name)[0] for j in jobs if j.quant is None and len(j.shape) == 2 and j.name != embed_key}
+        )
+        config["quantization_config"] = {
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": True,
+            "load_in_8bit": False,
+            "bnb_4bit_quant_type": q.quant_type,
+            "bnb_4bit_use_double_quant": q.double_quant,
+            "bnb_4bit_compute_dtype": CONFIG_DTYPE_NAME[qjobs[0].dtype],
+            "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": skipped or None,
+            "llm_int8_threshold": 6.0,
+            "llm_int8_has_fp16_weight": False,
+            "llm_int8_enable_fp32_cpu_offload": False,
+        }
+        if len({(j.quant.quant_type, j.quant.blocksize, j.quant.double_quant) for j in qjobs}) > 1:
+            raise QuantError(f"{ckpt.path}: weights use different 4-bit settings; pass --quant-type/--blocksize")
+        notes.append(
+            f"merged_4bit: {len(qjobs)} weights re-quantized to {q.quant_type} (blocksize {q.blocksize}, double "
+            f"quant {q.double_quant}); re-quantizing after a merge loses precision: prefer merged_16bit for quality"
+        )
     if untie:
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
             config["text_config"] = dict(config["text_config"], tie_word_embeddings=False)
-    vocab = _new_vocab(jobs, embed_key, ckpt)
+    vocab = _new_vocab(jobs, embed_key, logical)
     if vocab is not None:
         tgt = (
             config["text_config"]
@@ -457,9 +680,9 @@ def _is_vocab(target: str, embed_key: str | None) -> bool:
 OUTPUT_NAMES = ("lm_head", "embed_out")
 
 
-def _new_vocab(jobs: list[TensorJob], embed_key: str | None, ckpt: Checkpoint) -> int | None:
+def _new_vocab(jobs: list[TensorJob], embed_key: str | None, logical: dict[str, Source]) -> int | None:
     for j in jobs:
-        if j.name == embed_key and j.shape != ckpt.tensors[embed_key].shape:
+        if j.name == embed_key and j.shape != logical[embed_key].shape:
             return j.shape[0]
     return None
 
@@ -477,8 +700,6 @@ def _check_rows(name: str, shape: tuple[int, ...], ups: tuple[Update, ...]) -> N
 
 
 def _set_config_dtype(config: dict, dtype: str) -> None:
-    from .source import CONFIG_DTYPE_NAME
-
     name = CONFIG_DTYPE_NAME[dtype]
     present = [k for k in ("dtype", "torch_dtype") if k in config]
     for k in present or ["torch_dtype"]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,10 +13,21 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from . import __version__, lora
+from . import __version__, lora, quant
 from .adapter import Adapter, load_adapter
 from .errors import InputError, NonFiniteError, OutputError
-from .plan import BiasDelta, Dora, LowRank, MergeOptions, MergePlan, RowReplace, TensorJob, build_plan
+from .plan import (
+    BiasDelta,
+    Dora,
+    Int8Source,
+    LowRank,
+    MergeOptions,
+    MergePlan,
+    RowReplace,
+    Source,
+    TensorJob,
+    build_plan,
+)
 from .sink import (
     ShardWriter,
     check_output,
@@ -162,7 +173,7 @@ class Executor:
 
     def _block_rows(self, job: TensorJob) -> int:
         rows = job.shape[0] if job.shape else 1
-        if len(job.shape) < 2 or any(isinstance(u, Dora) for u in job.updates):
+        if len(job.shape) < 2 or job.quant is not None or any(isinstance(u, Dora) for u in job.updates):
             return max(rows, 1)
         per_row = numel(job.shape[1:]) * 4 * 3  # fp32 weight, delta and output
         n = self.opts.block_bytes // max(per_row, 1)
@@ -172,14 +183,46 @@ class Executor:
         n = max(align, n // align * align)
         return min(rows, n)
 
-    def blocks(self, job: TensorJob) -> Iterator[memoryview]:
-        """The output bytes of ``job`` in order."""
+    def _source(self, src: Source) -> Callable[[int, int], torch.Tensor]:
+        """A function giving rows ``[r0, r1)`` of the base tensor on the device, dequantized if needed
+        (4-bit: in the quant_state dtype, as bitsandbytes returns it; 8-bit: fp32)."""
+        dev = self.device
+        if isinstance(src, TensorRef):
+            t = self.reader.tensor(src)
+            t = t.reshape(1, -1) if t.dim() == 0 else t
+            return lambda r0, r1: t[r0:r1].to(dev)
+        cols = numel(src.shape[1:])
+        if isinstance(src, Int8Source):
+            cb, scb = self.reader.tensor(src.cb), self.reader.tensor(src.scb)
+            return lambda r0, r1: quant.dequantize_int8_rows(cb[r0:r1].to(dev), scb[r0:r1].to(dev))
+        packed = self.reader.tensor(src.packed).reshape(-1).view(torch.uint8)
+        code = self.reader.tensor(src.quant_map).to(dev, torch.float32)
+        absmax = self.reader.tensor(src.absmax).to(dev)
+        if src.nested_absmax is not None:
+            absmax = quant.dequantize_absmax(
+                absmax,
+                self.reader.tensor(src.nested_absmax).to(dev),
+                self.reader.tensor(src.nested_quant_map).to(dev),
+                src.nested_offset,
+                src.nested_blocksize,
+            )
+        absmax = absmax.float()
+        qdtype = DTYPES[src.dtype][1]
+
+        def rows(r0: int, r1: int) -> torch.Tensor:
+            vals = quant.dequantize_4bit_range(packed, absmax, code, src.blocksize, r0 * cols, r1 * cols, dev)
+            return vals.reshape(r1 - r0, *src.shape[1:]).to(qdtype)
+
+        return rows
+
+    def blocks(self, job: TensorJob) -> Iterator[tuple[str, memoryview]]:
+        """``(tensor name, bytes)`` of the job's output(s), in order."""
         if job.is_copy:
             for off in range(0, job.nbytes, COPY_CHUNK):
-                yield self.reader.raw(job.source, off, min(COPY_CHUNK, job.nbytes - off))
+                yield job.name, self.reader.raw(job.source, off, min(COPY_CHUNK, job.nbytes - off))
             return
         out_dtype = DTYPES[job.dtype][1]
-        src = self.reader.tensor(job.source)
+        rows_of = self._source(job.source)
         prepared = []
         for u in job.updates:
             if isinstance(u, (LowRank, Dora)):
@@ -196,11 +239,10 @@ class Executor:
                 prepared.append((u, self._adapter_tensor(u.values, "trainable tokens"), None, None))
         rows = job.shape[0] if job.shape else 1
         step = self._block_rows(job)
-        flat = src.reshape(rows, -1) if len(job.shape) <= 1 else src
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             whole = r0 == 0 and r1 == rows
-            blk = flat[r0:r1].to(self.device).to(out_dtype)
+            blk = rows_of(r0, r1).to(out_dtype)
             w = blk.float() if blk.dtype != torch.float32 else blk.clone()
             if len(job.shape) <= 1:
                 w = w.reshape(job.shape)
@@ -226,9 +268,19 @@ class Executor:
                     hint="the adapter's update overflows the output dtype; try --dtype fp32 or bf16, "
                     "or --allow-nonfinite to write it anyway",
                 )
-            out = out.cpu().contiguous()
             self.peak_anon = max(self.peak_anon, _anon_bytes())
-            yield memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            if job.quant is not None:
+                q = job.quant
+                packed, parts = quant.quantize_4bit(out, q.blocksize, q.quant_type, q.double_quant)
+                yield job.name, _bytes(packed)
+                for name, _, _ in job.outputs[1:]:
+                    yield name, _bytes(parts[name[len(job.name) + 1 :]])
+            else:
+                yield job.name, _bytes(out)
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _aux_files(base: Path, adapters: list[Adapter]) -> dict[str, Path]:
@@ -255,7 +307,7 @@ def plan_merge(
 ) -> tuple[Checkpoint, list[Adapter], MergePlan]:
     ckpt = open_checkpoint(base)
     ads = [load_adapter(p, reader, w) for p, w in adapters]
-    return ckpt, ads, build_plan(ckpt, ads, opts)
+    return ckpt, ads, build_plan(ckpt, ads, opts, lambda ref: bytes(reader.raw(ref)))
 
 
 def merge(
@@ -364,18 +416,19 @@ def _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, pr
     )
     try:
         for shard in plan.shards:
-            writer = ShardWriter(work / shard.filename, [(j.name, j.dtype, j.shape) for j in shard.jobs], meta)
+            writer = ShardWriter(work / shard.filename, [o for j in shard.jobs for o in j.outputs], meta)
             try:
                 for job in shard.jobs:
                     it = ex.blocks(job)
                     while True:
                         t = time.perf_counter()
-                        buf = next(it, None)
+                        item = next(it, None)
                         t_compute += time.perf_counter() - t
-                        if buf is None:
+                        if item is None:
                             break
+                        name, buf = item
                         t = time.perf_counter()
-                        writer.write(job.name, buf)
+                        writer.write(name, buf)
                         t_write += time.perf_counter() - t
                         bar.update(buf.nbytes)
                 t = time.perf_counter()
@@ -387,7 +440,7 @@ def _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, pr
         if len(plan.shards) > 1:
             index = {
                 "metadata": {"total_size": plan.total_size, "streammerge": __version__},
-                "weight_map": {j.name: s.filename for s in plan.shards for j in s.jobs},
+                "weight_map": {o[0]: s.filename for s in plan.shards for j in s.jobs for o in j.outputs},
             }
             write_json(work / "model.safetensors.index.json", index)
         write_json(work / "config.json", plan.config)

@@ -1,0 +1,117 @@
+"""Pure (de)quantization of bitsandbytes tensors in the layout transformers saves.
+
+Dequantization is plain torch, operation for operation what bitsandbytes' reference kernels do
+(``code[q] * absmax[block]`` in fp32, then one cast), so it is exact on any device and does not
+depend on bitsandbytes' native CPU kernels (which returned wrong values for some shapes).
+Re-quantization calls bitsandbytes itself (imported lazily: only ``merged_4bit`` needs it).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .errors import QuantError
+
+#: bitsandbytes' int8 dequantization multiplies by this reciprocal of 127 (not a division).
+INT8_SCALE = 7.874015718698502e-3
+QUANT_STATE_BYTES = 512  # the packed quant_state JSON is space-padded to this length when we write it
+
+
+def unpack_codes(packed: torch.Tensor, e0: int, e1: int, device: torch.device | None = None) -> torch.Tensor:
+    """4-bit codes of elements ``[e0, e1)`` from bytes holding two codes each, high nibble first;
+    only those bytes are moved to ``device``."""
+    b0, b1 = e0 // 2, (e1 + 1) // 2
+    raw = packed[b0:b1].to(device=device or packed.device, dtype=torch.int32)
+    codes = torch.empty(raw.numel() * 2, dtype=torch.int64, device=raw.device)
+    codes[0::2] = raw >> 4
+    codes[1::2] = raw & 0xF
+    start = e0 - 2 * b0
+    return codes[start : start + (e1 - e0)]
+
+
+def dequantize_absmax(
+    absmax_u8: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_code: torch.Tensor,
+    offset: float,
+    nested_blocksize: int,
+) -> torch.Tensor:
+    """Double quantization: ``nested_code[absmax] * nested_absmax[j // nested_blocksize] + offset`` (fp32)."""
+    n = absmax_u8.numel()
+    idx = torch.arange(n, device=absmax_u8.device) // nested_blocksize
+    out = nested_code.float()[absmax_u8.reshape(-1).long()] * nested_absmax.float()[idx]
+    return out + torch.tensor(offset, dtype=torch.float32, device=out.device)
+
+
+def dequantize_4bit_range(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    e0: int,
+    e1: int,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Elements ``[e0, e1)`` of a 4-bit tensor, dequantized to fp32: ``code[q] * absmax[i // blocksize]``."""
+    q = unpack_codes(packed, e0, e1, device or absmax.device)
+    blocks = torch.arange(e0, e1, device=q.device) // blocksize
+    return code.float()[q] * absmax[blocks]
+
+
+def dequantize_int8_rows(cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """LLM.int8 row-wise dequantization, as bitsandbytes: ``CB * SCB[:, None] * (1/127)`` in fp32."""
+    return cb * scb.view(-1, 1) * INT8_SCALE
+
+
+def parse_quant_state(raw: bytes, where: str) -> dict:
+    """The JSON record bitsandbytes packs into ``<m>.weight.quant_state.bitsandbytes__<type>``."""
+    try:
+        state = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QuantError(f"{where}: quant_state is not valid JSON ({e})", hint="the checkpoint is corrupt") from None
+    if not isinstance(state, dict):
+        raise QuantError(f"{where}: quant_state must be a JSON object")
+    need = {"quant_type": str, "blocksize": int, "dtype": str, "shape": list}
+    for k, t in need.items():
+        if not isinstance(state.get(k), t):
+            raise QuantError(f"{where}: quant_state field {k!r} must be {t.__name__}, found {state.get(k)!r}")
+    if state["quant_type"] not in ("nf4", "fp4"):
+        raise QuantError(f"{where}: unknown quant_type {state['quant_type']!r}", hint="expected nf4 or fp4")
+    if state["blocksize"] not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise QuantError(f"{where}: invalid blocksize {state['blocksize']}")
+    if state["dtype"] not in ("bfloat16", "float16", "float32"):
+        raise QuantError(f"{where}: unsupported dtype {state['dtype']!r}")
+    if not all(isinstance(d, int) and d >= 0 for d in state["shape"]):
+        raise QuantError(f"{where}: invalid shape {state['shape']!r}")
+    if "nested_absmax" in state or "nested_blocksize" in state:
+        for k in ("nested_blocksize", "nested_offset"):
+            if not isinstance(state.get(k), (int, float)):
+                raise QuantError(f"{where}: double-quantized state lacks {k!r}")
+    return state
+
+
+def quantize_4bit(
+    w: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool, storage: torch.dtype = torch.uint8
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Quantize with bitsandbytes; returns the packed weight and the companion tensors keyed by suffix
+    (``absmax``, ``quant_map``, ``nested_*``, ``quant_state.bitsandbytes__<type>``), JSON space-padded."""
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError as e:
+        raise QuantError("--save-method merged_4bit needs bitsandbytes", hint="pip install 'streammerge[bnb]'") from e
+    packed, state = bnbf.quantize_4bit(
+        w.contiguous(),
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=storage,
+    )
+    parts = state.as_dict(packed=True)
+    key = next(k for k in parts if k.startswith("quant_state."))
+    raw = bytes(parts[key].cpu().numpy())
+    if len(raw) > QUANT_STATE_BYTES:
+        raise QuantError(f"quant_state JSON is {len(raw)} bytes, more than {QUANT_STATE_BYTES}")
+    parts[key] = torch.frombuffer(bytearray(raw.ljust(QUANT_STATE_BYTES, b" ")), dtype=torch.uint8)
+    return packed, {k: v.cpu().contiguous() for k, v in parts.items()}
