@@ -72,7 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="output float dtype")
     m.add_argument("--shard-size", default="5GB", type=_size_arg, help="max tensor bytes per output shard (5GB)")
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute (auto)")
-    m.add_argument("--save-method", default="merged_16bit", choices=["merged_16bit"], help="output format")
+    m.add_argument(
+        "--save-method",
+        default="merged_16bit",
+        choices=["merged_16bit", "merged_4bit", "lora"],
+        help="merged_16bit: dense merged model; merged_4bit: merged then re-quantized with bitsandbytes "
+        "(loses precision); lora: no merge, a validated and normalized adapter directory",
+    )
+    m.add_argument(
+        "--quant-type", choices=["nf4", "fp4"], help="merged_4bit: 4-bit type (default: the input's, or nf4)"
+    )
+    m.add_argument("--blocksize", type=int, help="merged_4bit: quantization block size (default: the input's, or 64)")
+    m.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="merged_4bit: quantize the statistics too (default: the input's, or on)",
+    )
     m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     m.add_argument("--allow-nonfinite", action="store_true", help="do not fail on NaN/Inf in adapter or output")
@@ -240,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             allow_nonfinite=args.allow_nonfinite,
             progress=progress,
+            quant_type=args.quant_type,
+            blocksize=args.blocksize,
+            double_quant=args.double_quant,
         )
         for w in report.warnings:
             log.warning(w)

@@ -204,6 +204,7 @@ class MergePlan:
     tied: bool = False
     untied: bool = False
     used_keys: dict[str, frozenset[str]] = field(default_factory=dict)
+    merged_onto: str = "16-bit weights"
 
     @property
     def total_size(self) -> int:
@@ -565,13 +566,17 @@ def build_plan(
             )
 
     target_dtype = None if opts.dtype == "auto" else opts.dtype
+    # 4-bit weights dequantize to the compute dtype (as transformers' dequantize() with it); int8
+    # weights to the model dtype
     dequant_dtype = target_dtype or compute_dtype(ckpt.config)
     four_bit_out = opts.save_method == "merged_4bit"
     jobs: list[TensorJob] = []
 
     def out_dtype(src: Source) -> str:
-        if isinstance(src, (Quant4Source, Int8Source)):
+        if isinstance(src, Quant4Source):
             return dequant_dtype or src.dtype
+        if isinstance(src, Int8Source):
+            return target_dtype or src.dtype
         if target_dtype and src.dtype in FLOAT_DTYPES:
             return target_dtype
         return src.dtype
@@ -623,7 +628,7 @@ def build_plan(
             "against); to merge onto full-precision weights instead, pass the original 16-bit checkpoint as BASE"
         )
     config.pop("quantization_config", None)
-    out_float = target_dtype or (dequant_dtype if (n4 or n8) else None)
+    out_float = target_dtype or (dequant_dtype if n4 else None) or (config_dtype(ckpt.config) if n8 else None)
     if out_float:
         _set_config_dtype(config, out_float)
     if four_bit_out:
@@ -669,7 +674,12 @@ def build_plan(
             tgt["vocab_size"] = vocab
     groups = layout_shards(jobs, opts.shard_size)
     shards = tuple(ShardPlan(fname, tuple(g)) for fname, g in zip(shard_names(len(groups)), groups, strict=True))
-    return MergePlan(shards, config, tuple(records), tuple(notes), tied, untie, used)
+    onto = "16-bit weights"
+    if n4:
+        onto = f"dequantized bitsandbytes 4-bit weights ({n4} tensors)"
+    elif n8:
+        onto = f"dequantized bitsandbytes 8-bit weights ({n8} tensors)"
+    return MergePlan(shards, config, tuple(records), tuple(notes), tied, untie, used, onto)
 
 
 def _is_vocab(target: str, embed_key: str | None) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__, lora, quant
-from .adapter import Adapter, load_adapter
+from .adapter import PEFT_PREFIX, Adapter, load_adapter
 from .errors import InputError, NonFiniteError, OutputError
 from .plan import (
     BiasDelta,
@@ -23,6 +24,7 @@ from .plan import (
     LowRank,
     MergeOptions,
     MergePlan,
+    QuantOut,
     RowReplace,
     Source,
     TensorJob,
@@ -45,6 +47,7 @@ COPY_CHUNK = 64 * 1024 * 1024
 ROW_ALIGN = 64
 COL_ALIGN = 256
 REPORT_NAME = "streammerge_report.json"
+SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".zst")
 SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json", REPORT_NAME}
 TOKENIZER_FILES = (
@@ -85,6 +88,7 @@ class MergeReport:
     peak_anon_bytes: int = 0
     bytes_read: int = 0
     free_disk_bytes: int | None = None
+    merged_onto: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -325,15 +329,34 @@ def merge(
     allow_nonfinite: bool = False,
     progress: bool = False,
     block_bytes: int | str = 64 * 1024 * 1024,
+    quant_type: str | None = None,
+    blocksize: int | None = None,
+    double_quant: bool | None = None,
 ) -> MergeReport:
     """Merge LoRA ``adapter`` (and ``adapters``, each ``PATH[:WEIGHT]`` or ``(path, weight)``) into
-    ``base`` and write the merged checkpoint to ``out``. Returns the :class:`MergeReport`."""
+    ``base`` and write the result to ``out``. Returns the :class:`MergeReport`.
+
+    ``save_method``: ``merged_16bit`` (dense merged checkpoint), ``merged_4bit`` (merged, then
+    re-quantized with bitsandbytes: ``quant_type``/``blocksize``/``double_quant`` override the input's
+    settings or the defaults nf4/64/True), or ``lora`` (no merge: validate the adapter against the
+    base and write a normalized adapter directory)."""
     t0 = time.perf_counter()
     specs: list[tuple[str, float]] = []
     for item in ([adapter] if not isinstance(adapter, list) else adapter) + list(adapters):
         specs.append((str(item[0]), float(item[1])) if isinstance(item, tuple) else split_adapter_spec(str(item)))
-    if save_method != "merged_16bit":
-        raise InputError(f"--save-method {save_method!r} is not supported", hint="use merged_16bit")
+    if save_method not in SAVE_METHODS:
+        raise InputError(f"unknown save method {save_method!r}", hint=f"use one of {', '.join(SAVE_METHODS)}")
+    if save_method == "lora" and (len(specs) != 1 or specs[0][1] != 1.0):
+        raise InputError("--save-method lora takes exactly one adapter, without a weight")
+    qout = None
+    if quant_type is not None or blocksize is not None or double_quant is not None:
+        if save_method != "merged_4bit":
+            raise InputError("--quant-type/--blocksize/--double-quant only apply to --save-method merged_4bit")
+        if quant_type not in (None, "nf4", "fp4"):
+            raise InputError(f"unknown quant type {quant_type!r}", hint="use nf4 or fp4")
+        if blocksize not in (None, 32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise InputError(f"invalid blocksize {blocksize}", hint="use a power of two from 32 to 4096")
+        qout = QuantOut(quant_type or "nf4", blocksize or 64, True if double_quant is None else double_quant)
     opts = MergeOptions(
         dtype=resolve_dtype(dtype),
         shard_size=parse_size(shard_size),
@@ -341,6 +364,7 @@ def merge(
         save_method=save_method,
         allow_nonfinite=allow_nonfinite,
         block_bytes=parse_size(block_bytes),
+        quant=qout,
     )
     dev = resolve_device(device)
     out = Path(out)
@@ -373,9 +397,19 @@ def merge(
             tensors_copied=sum(1 for j in plan.jobs if j.is_copy),
             notes=list(plan.notes),
             free_disk_bytes=free,
+            merged_onto=plan.merged_onto,
         )
+        if save_method == "merged_4bit":
+            report.warnings.append(
+                "merged_4bit re-quantizes the merged weights: the result is less precise than merged_16bit "
+                "(each weight moves to the nearest 4-bit code after the merge)"
+            )
         if dry_run:
             report.seconds = {"total": round(time.perf_counter() - t0, 3)}
+            return report
+        if save_method == "lora":
+            _write_lora(ads[0], out, reader, report)
+            report.seconds["total"] = round(time.perf_counter() - t0, 3)
             return report
         needed = plan.total_size + sum(p.stat().st_size for p in aux.values())
         if needed > free:
@@ -391,6 +425,52 @@ def merge(
         return report
     finally:
         reader.close()
+
+
+_LORA_PART = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|token_adapter\.trainable_tokens_delta)"
+    r"\.(?!weight$|bias$)[^.]+(?=\.|$)"
+)
+
+
+def normalized_adapter_key(key: str) -> str:
+    """The key PEFT's ``save_pretrained`` would write: ``base_model.model.`` prefix, no adapter name."""
+    key = _LORA_PART.sub(r".\1", key)
+    key = re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
+    return key if key.startswith(PEFT_PREFIX) else PEFT_PREFIX + key
+
+
+def _write_lora(ad: Adapter, out: Path, reader: Reader, report: MergeReport) -> None:
+    """``--save-method lora``: the validated adapter, rewritten as safetensors with PEFT's key names."""
+    work = prepare_work_dir(out)
+    try:
+        refs = sorted(ad.tensors.values(), key=lambda r: normalized_adapter_key(r.name))
+        specs = [(normalized_adapter_key(r.name), r.dtype, r.shape) for r in refs]
+        if len({s[0] for s in specs}) != len(specs):
+            raise OutputError(f"{ad.weights_file}: keys collide once the adapter name is removed")
+        writer = ShardWriter(work / "adapter_model.safetensors", specs, {"format": "pt"})
+        try:
+            for (name, _, _), ref in zip(specs, refs, strict=True):
+                data = reader.raw(ref) if ref.offset >= 0 else _bytes(reader.tensor(ref))
+                writer.write(name, data)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        write_json(work / "adapter_config.json", ad.config)
+        for name in TOKENIZER_FILES:
+            p = Path(ad.path) / name
+            if p.is_file():
+                copy_file(p, work / name)
+        report.shards = [
+            {"file": "adapter_model.safetensors", "bytes": sum(r.nbytes for r in refs), "tensors": len(refs)}
+        ]
+        report.total_size = sum(r.nbytes for r in refs)
+        write_json(work / REPORT_NAME, report.to_dict())
+        commit_work_dir(work, out)
+    except BaseException:
+        discard_work_dir(work)
+        raise
 
 
 def _existing_parent(p: Path) -> Path:
