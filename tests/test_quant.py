@@ -348,5 +348,5 @@ def test_quantized_checkpoint_missing_piece(q_models, tmp_path):
     sd = load_file(base / "model.safetensors")
     del sd["model.layers.0.mlp.down_proj.weight.absmax"]
     save_file(sd, base / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(streammerge.QuantError, match="down_proj.weight"):
+    with pytest.raises(streammerge.QuantError, match=r"down_proj\.weight"):
         streammerge.merge(base, q_models["ad"], tmp_path / "out")
