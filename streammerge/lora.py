@@ -9,8 +9,14 @@ from __future__ import annotations
 import torch
 
 
-def lowrank_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, transposed: bool) -> torch.Tensor:
-    """PEFT's ``get_delta_weight``: ``transpose(B @ A) * scaling`` in fp32 (matmul first, then scale)."""
+def lowrank_delta(
+    a: torch.Tensor, b: torch.Tensor, scaling: float, transposed: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """PEFT's ``get_delta_weight``: ``transpose(B @ A) * scaling`` in fp32 (matmul first, then scale).
+    ``out`` (not transposed only) receives the result in place: same kernels, same bits."""
+    if out is not None and not transposed:
+        torch.matmul(b.float(), a.float(), out=out)
+        return out.mul_(scaling)
     d = b.float() @ a.float()
     if transposed:
         d = d.T

@@ -165,6 +165,7 @@ class Executor:
         self.device = device
         self.report = report
         self.peak_anon = 0
+        self.ws = Workspace(device)
 
     def _adapter_tensor(self, ref: TensorRef, role: str) -> torch.Tensor:
         t = self.reader.tensor(ref).to(self.device, torch.float32)
@@ -246,17 +247,20 @@ class Executor:
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             whole = r0 == 0 and r1 == rows
-            blk = rows_of(r0, r1).to(out_dtype)
-            w = blk.float() if blk.dtype != torch.float32 else blk.clone()
-            if len(job.shape) <= 1:
-                w = w.reshape(job.shape)
+            shape = (r1 - r0, *job.shape[1:]) if len(job.shape) >= 2 else job.shape
+            blk = rows_of(r0, r1).reshape(shape)
+            if blk.dtype != out_dtype and out_dtype != torch.float32:
+                blk = blk.to(out_dtype)  # the base as loaded in the output dtype, as PEFT would see it
+            w = self.ws.take("w", shape, torch.float32)
+            w.copy_(blk)
             for u, a, b, extra in prepared:
                 if isinstance(u, LowRank):
                     if u.transposed:
                         aa = a if whole else a[:, r0:r1].contiguous()
                         delta = lora.lowrank_delta(aa, b, u.scaling, True)
                     else:
-                        delta = lora.lowrank_delta(a, b if whole else b[r0:r1], u.scaling, False)
+                        d = self.ws.take("d", shape, torch.float32)
+                        delta = lora.lowrank_delta(a, b if whole else b[r0:r1], u.scaling, False, out=d)
                     lora.apply_lowrank(w, delta, u.weight, out_dtype if u.round_delta else None)
                 elif isinstance(u, BiasDelta):
                     lora.apply_bias(w, a, u.scaling, u.weight)
@@ -265,8 +269,12 @@ class Executor:
                     w = lora.dora_merge(w, delta, extra, u.fan_in_fan_out, u.embedding)
                 elif isinstance(u, RowReplace):
                     lora.replace_rows(w, r0, u.indices, a)
-            out = w.to(out_dtype)
-            if not self.opts.allow_nonfinite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            if out_dtype == torch.float32:
+                out = w
+            else:
+                out = self.ws.take("o", shape, out_dtype)
+                out.copy_(w)
+            if not self.opts.allow_nonfinite and not _finite_in(w, out_dtype):
                 raise NonFiniteError(
                     f"merging into {job.name!r} produced NaN or Inf (rows {r0}..{r1})",
                     hint="the adapter's update overflows the output dtype; try --dtype fp32 or bf16, "
@@ -281,6 +289,35 @@ class Executor:
                     yield name, _bytes(parts[name[len(job.name) + 1 :]])
             else:
                 yield job.name, _bytes(out)
+
+
+def _finite_in(w: torch.Tensor, dtype: torch.dtype) -> bool:
+    """No NaN/Inf in fp32 ``w``, and nothing that overflows ``dtype`` when rounded (no temporaries)."""
+    if w.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(w)
+    lim = torch.finfo(dtype).max
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)) and -lim <= float(lo) and float(hi) <= lim
+
+
+class Workspace:
+    """Reusable flat work buffers: steady-state merging allocates (and page-faults) nothing new."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = numel(shape)
+        buf = self._bufs.get((key, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype, device=self.device)
+            self._bufs[(key, dtype)] = buf
+        return buf[:n].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
 
 def _bytes(t: torch.Tensor) -> memoryview:

@@ -1,0 +1,265 @@
+"""Benchmark: streammerge vs PEFT's in-memory merge vs a plain copy of the base (the disk's floor).
+
+Each tool runs in its own subprocess, one after the other, on the same cached checkpoint with the
+page cache warmed the same way (the base files are read once before each run). Reported per tool:
+wall time, peak RSS (the kernel's VmHWM) and peak anonymous memory (RssAnon, sampled every 20 ms),
+and the ratios between tools. Not a test: run it with ``make bench`` or directly.
+
+    python scripts/bench.py                       # the 1.7 GB Llama-shaped model of issue #2
+    python scripts/bench.py --sizes small,default,large --skip-peft --plot docs/bench.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".bench"
+PRESETS = {
+    # name: (hidden, intermediate, layers, heads, kv_heads, vocab, shards)
+    "small": (1024, 2816, 16, 16, 4, 32000, 2),
+    "default": (2048, 5632, 16, 16, 4, 32000, 4),
+    "large": (4096, 11008, 18, 32, 8, 32000, 8),
+    "70b-slice": (8192, 28672, 2, 64, 8, 128256, 4),
+}
+PEFT_SNIPPET = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model.save_pretrained(out)
+"""
+
+
+@dataclass
+class Result:
+    tool: str
+    size: str
+    model_bytes: int
+    wall_s: float
+    peak_rss: int
+    peak_anon: int
+
+
+def build(preset: str) -> tuple[Path, Path]:
+    """Build (once) the preset's checkpoint and r=16 adapter under .bench/<preset>/."""
+    from streammerge.synthetic import write_synthetic_llama
+
+    root = CACHE / preset
+    if (root / ".complete").exists():
+        return root / "base", root / "adapter"
+    shutil.rmtree(root, ignore_errors=True)
+    hidden, inter, layers, heads, kv, vocab, shards = PRESETS[preset]
+    t = time.perf_counter()
+    print(f"building {preset} model under {root} ...", file=sys.stderr, flush=True)
+    base, ad = write_synthetic_llama(root, hidden, inter, layers, vocab, kv, heads, shards=shards, r=16)
+    (root / ".complete").write_text("ok")
+    print(f"  built in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
+    return base, ad
+
+
+def model_bytes(base: Path) -> int:
+    return sum(p.stat().st_size for p in base.glob("*.safetensors"))
+
+
+def warm(base: Path) -> None:
+    """Read the base once so every tool starts from the same (warm) page cache."""
+    for p in sorted(base.iterdir()):
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "RssAnon"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
+    """Wall time, peak RSS (VmHWM) and peak sampled RssAnon of one subprocess."""
+    peak = {"VmHWM": 0, "RssAnon": 0}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for k, v in _status(proc.pid).items():
+                peak[k] = max(peak[k], v)
+            time.sleep(0.02)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    _, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    done.set()
+    th.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return wall, peak["VmHWM"], peak["RssAnon"]
+
+
+def bench_tool(tool: str, base: Path, ad: Path, out: Path, extra: list[str]) -> tuple[float, int, int]:
+    shutil.rmtree(out, ignore_errors=True)
+    warm(base)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    if tool == "streammerge":
+        cmd = [
+            sys.executable,
+            "-m",
+            "streammerge",
+            "merge",
+            str(base),
+            str(ad),
+            str(out),
+            "--no-progress",
+            "-q",
+            *extra,
+        ]
+        res = run_measured(cmd, env)
+    elif tool == "peft":
+        res = run_measured([sys.executable, "-c", PEFT_SNIPPET, str(base), str(ad), str(out)], env)
+    else:  # cp + sync: the disk's floor
+        out.mkdir(parents=True)
+        files = [str(p) for p in sorted(base.iterdir())]
+        t0 = time.perf_counter()
+        wall, rss, anon = run_measured(["cp", *files, str(out)])
+        subprocess.run(["sync"], check=True)
+        res = (time.perf_counter() - t0, rss, anon)
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def fmt_gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        "| model | tool | wall s | peak RSS GiB | peak anon GiB | wall / cp+sync | wall / PEFT |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for size in dict.fromkeys(r.size for r in results):
+        rows = [r for r in results if r.size == size]
+        cp = next((r for r in rows if r.tool == "cp+sync"), None)
+        peft = next((r for r in rows if r.tool == "peft"), None)
+        for r in rows:
+            vs_cp = f"{r.wall_s / cp.wall_s:.2f}x" if cp else "-"
+            vs_peft = f"{r.wall_s / peft.wall_s:.2f}x" if peft else "-"
+            lines.append(
+                f"| {size} ({r.model_bytes / 1e9:.2f} GB) | {r.tool} | {r.wall_s:.2f} | {fmt_gib(r.peak_rss)} | "
+                f"{fmt_gib(r.peak_anon)} | {vs_cp} | {vs_peft} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys(r.size for r in results))
+    tools = list(dict.fromkeys(r.tool for r in results))
+    big = sizes[-1]
+    ncols = 3 if len(sizes) > 1 else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4))
+    rows = [r for r in results if r.size == big]
+    axes[0].bar([r.tool for r in rows], [r.wall_s for r in rows], color=["C0", "C1", "C2", "C3"][: len(rows)])
+    axes[0].set_title(f"wall time, {big} model ({rows[0].model_bytes / 1e9:.1f} GB)")
+    axes[0].set_ylabel("seconds")
+    axes[1].bar([r.tool for r in rows], [r.peak_anon / 2**30 for r in rows], label="peak anon")
+    axes[1].bar([r.tool for r in rows], [r.peak_rss / 2**30 for r in rows], alpha=0.3, label="peak RSS")
+    axes[1].set_title("peak memory")
+    axes[1].set_ylabel("GiB")
+    axes[1].legend()
+    if ncols == 3:
+        for tool in tools:
+            pts = sorted((r.model_bytes / 1e9, r.wall_s) for r in results if r.tool == tool)
+            axes[2].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=tool)
+        axes[2].set_title("wall time vs model size")
+        axes[2].set_xlabel("model GB")
+        axes[2].set_ylabel("seconds")
+        axes[2].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="default", help=f"comma-separated presets: {', '.join(PRESETS)}")
+    p.add_argument("--repeat", type=int, default=1, help="runs per tool; the median is reported")
+    p.add_argument("--skip-peft", action="store_true", help="skip PEFT's in-memory merge (slow, needs RAM)")
+    p.add_argument("--peft-sizes", default="", help="presets on which to run PEFT (default: all benched)")
+    p.add_argument("--json", type=Path, help="write all numbers to this JSON file")
+    p.add_argument("--plot", type=Path, help="draw the comparison to this PNG")
+    p.add_argument("--out-dir", type=Path, default=CACHE / "out", help="where outputs are written (and removed)")
+    p.add_argument("streammerge_args", nargs="*", help="extra arguments for streammerge merge (after --)")
+    args = p.parse_args()
+    results: list[Result] = []
+    peft_sizes = set(args.peft_sizes.split(",")) if args.peft_sizes else None
+    for size in args.sizes.split(","):
+        base, ad = build(size)
+        tools = ["cp+sync", "streammerge"]
+        if not args.skip_peft and (peft_sizes is None or size in peft_sizes):
+            tools.append("peft")
+        for tool in tools:
+            runs = []
+            for _ in range(args.repeat):
+                runs.append(bench_tool(tool, base, ad, args.out_dir / tool, args.streammerge_args))
+                print(f"  {size} {tool}: {runs[-1][0]:.2f}s", file=sys.stderr, flush=True)
+            wall = statistics.median(r[0] for r in runs)
+            results.append(
+                Result(tool, size, model_bytes(base), wall, max(r[1] for r in runs), max(r[2] for r in runs))
+            )
+    import torch
+
+    print(
+        f"machine: {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+        f"{platform.python_implementation()} {platform.python_version()}, torch {torch.__version__}; warm page cache"
+    )
+    print(table(results))
+    for size in dict.fromkeys(r.size for r in results):
+        by = {r.tool: r for r in results if r.size == size}
+        sm = by["streammerge"]
+        line = f"{size}: streammerge / cp+sync = {sm.wall_s / by['cp+sync'].wall_s:.2f}x"
+        if "peft" in by:
+            line += (
+                f"; PEFT / streammerge = {by['peft'].wall_s / sm.wall_s:.1f}x faster; "
+                f"peak anon {fmt_gib(sm.peak_anon)} vs {fmt_gib(by['peft'].peak_anon)} GiB"
+            )
+        print(line)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
