@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import queue
 import re
 import resource
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -44,6 +46,7 @@ from .source import DTYPE_ALIASES, DTYPES, Checkpoint, Reader, TensorRef, numel,
 log = logging.getLogger("streammerge")
 
 COPY_CHUNK = 64 * 1024 * 1024
+WRITE_QUEUE = 1  # blocks queued for the writer thread; work buffers rotate through WRITE_QUEUE + 2 slots
 ROW_ALIGN = 64
 COL_ALIGN = 256
 REPORT_NAME = "streammerge_report.json"
@@ -166,6 +169,7 @@ class Executor:
         self.report = report
         self.peak_anon = 0
         self.ws = Workspace(device)
+        self._slot = 0
 
     def _adapter_tensor(self, ref: TensorRef, role: str) -> torch.Tensor:
         t = self.reader.tensor(ref).to(self.device, torch.float32)
@@ -251,7 +255,8 @@ class Executor:
             blk = rows_of(r0, r1).reshape(shape)
             if blk.dtype != out_dtype and out_dtype != torch.float32:
                 blk = blk.to(out_dtype)  # the base as loaded in the output dtype, as PEFT would see it
-            w = self.ws.take("w", shape, torch.float32)
+            self._slot = (self._slot + 1) % (WRITE_QUEUE + 2)  # buffers still queued for writing are not reused
+            w = self.ws.take(f"w{self._slot}", shape, torch.float32)
             w.copy_(blk)
             for u, a, b, extra in prepared:
                 if isinstance(u, LowRank):
@@ -272,7 +277,7 @@ class Executor:
             if out_dtype == torch.float32:
                 out = w
             else:
-                out = self.ws.take("o", shape, out_dtype)
+                out = self.ws.take(f"o{self._slot}", shape, out_dtype)
                 out.copy_(w)
             if not self.opts.allow_nonfinite and not _finite_in(w, out_dtype):
                 raise NonFiniteError(
@@ -517,10 +522,58 @@ def _existing_parent(p: Path) -> Path:
     return p
 
 
+class WriterThread:
+    """Runs write operations in order on a second thread, so computing the next block overlaps
+    writing the previous one (file writes and torch both release the GIL). A bounded queue keeps at
+    most ``depth`` blocks in flight; errors surface on the next ``submit`` or at ``finish``."""
+
+    def __init__(self, depth: int = 1):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.busy = 0.0
+        self._t = threading.Thread(target=self._run, name="streammerge-writer", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            fn, args = item
+            t = time.perf_counter()
+            try:
+                fn(*args)
+            except BaseException as e:  # handed to the main thread
+                self.error = e
+            self.busy += time.perf_counter() - t
+
+    def submit(self, fn: Callable, *args) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((fn, args))
+
+    def finish(self) -> None:
+        self.q.put(None)
+        self._t.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        while True:
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                break
+        self.q.put(None)
+        self._t.join()
+
+
 def _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, progress) -> None:
     work = prepare_work_dir(out)
     ex = Executor(reader, opts, dev, report)
-    t_compute = t_write = 0.0
+    t_compute = 0.0
     meta = {"format": "pt", "streammerge": __version__}
     bar = tqdm(
         total=plan.total_size,
@@ -531,29 +584,26 @@ def _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, pr
         desc="merging",
         dynamic_ncols=True,
     )
+    wt = WriterThread(depth=WRITE_QUEUE)
+    writers: list[ShardWriter] = []
     try:
         for shard in plan.shards:
             writer = ShardWriter(work / shard.filename, [o for j in shard.jobs for o in j.outputs], meta)
-            try:
-                for job in shard.jobs:
-                    it = ex.blocks(job)
-                    while True:
-                        t = time.perf_counter()
-                        item = next(it, None)
-                        t_compute += time.perf_counter() - t
-                        if item is None:
-                            break
-                        name, buf = item
-                        t = time.perf_counter()
-                        writer.write(name, buf)
-                        t_write += time.perf_counter() - t
-                        bar.update(buf.nbytes)
-                t = time.perf_counter()
-                writer.close()
-                t_write += time.perf_counter() - t
-            except BaseException:
-                writer.abort()
-                raise
+            writers.append(writer)
+            for job in shard.jobs:
+                it = ex.blocks(job)
+                while True:
+                    t = time.perf_counter()
+                    item = next(it, None)
+                    t_compute += time.perf_counter() - t
+                    if item is None:
+                        break
+                    name, buf = item
+                    wt.submit(writer.write, name, buf)
+                    bar.update(buf.nbytes)
+                wt.submit(reader.release, job.source)
+            wt.submit(writer.close)
+        wt.finish()
         if len(plan.shards) > 1:
             index = {
                 "metadata": {"total_size": plan.total_size, "streammerge": __version__},
@@ -563,11 +613,14 @@ def _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, pr
         write_json(work / "config.json", plan.config)
         for name, src in aux.items():
             copy_file(src, work / name)
-        report.seconds = {"compute": round(t_compute, 3), "write": round(t_write, 3)}
+        report.seconds = {"compute": round(t_compute, 3), "write": round(wt.busy, 3)}
         report.peak_anon_bytes = ex.peak_anon
         write_json(work / REPORT_NAME, report.to_dict())
         commit_work_dir(work, out)
     except BaseException:
+        wt.abort()
+        for w in writers:
+            w.abort()
         bar.close()
         discard_work_dir(work)
         raise

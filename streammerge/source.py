@@ -334,10 +334,21 @@ class Reader:
             flat = torch.frombuffer(self._map(ref.file), dtype=torch.uint8, count=ref.nbytes, offset=ref.offset)
         return flat.view(tdtype).view(ref.shape)
 
-    def rows(self, ref: TensorRef, r0: int, r1: int) -> torch.Tensor:
-        """Rows ``[r0, r1)`` of a tensor (first dimension), zero-copy."""
-        t = self.tensor(ref)
-        return t[r0:r1]
+    def release(self, src) -> None:
+        """Drop this process's page mappings of a finished tensor (``src``: a TensorRef or a plan
+        source holding several), so RSS stays small; the data stays in the page cache."""
+        refs = [src] if isinstance(src, TensorRef) else [v for v in vars(src).values() if isinstance(v, TensorRef)]
+        for ref in refs:
+            m = self._maps.get(ref.file)
+            if m is None or ref.offset < 0 or not hasattr(mmap, "MADV_DONTNEED"):
+                continue
+            start = ref.offset - ref.offset % mmap.PAGESIZE
+            end = min(len(m), ref.offset + ref.nbytes)
+            if end > start:
+                try:
+                    m.madvise(mmap.MADV_DONTNEED, start, end - start)
+                except (OSError, ValueError):
+                    pass
 
     def close(self) -> None:
         for m in self._maps.values():
