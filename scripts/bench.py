@@ -146,7 +146,7 @@ def bench_tool(tool: str, base: Path, ad: Path, out: Path, extra: list[str]) -> 
         out.mkdir(parents=True)
         files = [str(p) for p in sorted(base.iterdir())]
         t0 = time.perf_counter()
-        wall, rss, anon = run_measured(["cp", *files, str(out)])
+        _, rss, anon = run_measured(["cp", *files, str(out)])
         subprocess.run(["sync"], check=True)
         res = (time.perf_counter() - t0, rss, anon)
     shutil.rmtree(out, ignore_errors=True)
