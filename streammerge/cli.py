@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shard-size", default="5GB", type=_size_arg, help="max tensor bytes per output shard (5GB)")
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute (auto)")
     m.add_argument(
+        "--max-memory",
+        default="128MiB",
+        metavar="SIZE|FRACTION",
+        help="work memory budget beyond the interpreter and torch: a size (256MiB, 2GB) or a fraction of "
+        "available RAM (0.25); large tensors are merged in row blocks that fit it (default 128MiB)",
+    )
+    m.add_argument(
         "--save-method",
         default="merged_16bit",
         choices=["merged_16bit", "merged_4bit", "lora"],
@@ -256,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             allow_nonfinite=args.allow_nonfinite,
             progress=progress,
+            max_memory=args.max_memory,
             quant_type=args.quant_type,
             blocksize=args.blocksize,
             double_quant=args.double_quant,

@@ -26,6 +26,7 @@ from .plan import (
     LowRank,
     MergeOptions,
     MergePlan,
+    Quant4Source,
     QuantOut,
     RowReplace,
     Source,
@@ -50,6 +51,7 @@ WRITE_QUEUE = 1  # blocks queued for the writer thread; work buffers rotate thro
 ROW_ALIGN = 64
 COL_ALIGN = 256
 REPORT_NAME = "streammerge_report.json"
+DEFAULT_MAX_MEMORY = "128MiB"
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".zst")
 SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json", REPORT_NAME}
@@ -92,6 +94,7 @@ class MergeReport:
     bytes_read: int = 0
     free_disk_bytes: int | None = None
     merged_onto: str = ""
+    work_buffer_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,6 +130,18 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise ValueError(f"size must be positive: {text!r}")
     return int(value)
+
+
+def parse_memory(value: int | str | float) -> int:
+    """``--max-memory``: a size (``256MiB``, ``2GB``) or a fraction of the available RAM (``0.25``)."""
+    text = str(value).strip()
+    try:
+        frac = float(text)
+    except ValueError:
+        frac = None
+    if frac is not None and 0 < frac < 1:
+        return int(psutil.virtual_memory().available * frac)
+    return parse_size(value if not isinstance(value, float) else int(value))
 
 
 def resolve_dtype(name: str) -> str:
@@ -168,8 +183,9 @@ class Executor:
         self.device = device
         self.report = report
         self.peak_anon = 0
-        self.ws = Workspace(device)
+        self.ws = Workspace()
         self._slot = 0
+        self.stage = {"read": 0.0, "dequant": 0.0, "merge": 0.0}
 
     def _adapter_tensor(self, ref: TensorRef, role: str) -> torch.Tensor:
         t = self.reader.tensor(ref).to(self.device, torch.float32)
@@ -180,17 +196,32 @@ class Executor:
             )
         return t
 
+    def bytes_per_element(self, job: TensorJob) -> int:
+        """Work memory per weight element while merging a block: the fp32 rows and rounded output in
+        each of the rotating write slots, the fp32 delta, and dequantization temporaries."""
+        out_size = DTYPES[job.dtype][0]
+        cost = (WRITE_QUEUE + 2) * (4 + (0 if out_size == 4 else out_size)) + 4
+        if isinstance(job.source, Quant4Source):
+            cost += 8 + 8 + 4 + 2  # int64 codes and block indices, fp32 values, the rounded copy
+        elif isinstance(job.source, Int8Source):
+            cost += 4
+        elif job.source.dtype != job.dtype:
+            cost += out_size
+        return cost
+
     def _block_rows(self, job: TensorJob) -> int:
         rows = job.shape[0] if job.shape else 1
         if len(job.shape) < 2 or job.quant is not None or any(isinstance(u, Dora) for u in job.updates):
             return max(rows, 1)
-        per_row = numel(job.shape[1:]) * 4 * 3  # fp32 weight, delta and output
+        per_row = numel(job.shape[1:]) * self.bytes_per_element(job)
         n = self.opts.block_bytes // max(per_row, 1)
+        return min(rows, max(self._align(job), n // self._align(job) * self._align(job)))
+
+    @staticmethod
+    def _align(job: TensorJob) -> int:
         # BLAS tiles rows (and columns, for transposed deltas) in small fixed groups: blocks that
         # start on a multiple of the alignment reproduce the unblocked product bit for bit.
-        align = COL_ALIGN if any(isinstance(u, LowRank) and u.transposed for u in job.updates) else ROW_ALIGN
-        n = max(align, n // align * align)
-        return min(rows, n)
+        return COL_ALIGN if any(isinstance(u, LowRank) and u.transposed for u in job.updates) else ROW_ALIGN
 
     def _source(self, src: Source) -> Callable[[int, int], torch.Tensor]:
         """A function giving rows ``[r0, r1)`` of the base tensor on the device, dequantized if needed
@@ -224,67 +255,74 @@ class Executor:
 
         return rows
 
+    def _prepare(self, job: TensorJob, dev: torch.device) -> tuple[Callable, list]:
+        """The base-row reader and the adapter tensors of ``job``, on ``dev`` (adapter tensors are
+        checked for NaN/Inf as they are loaded)."""
+        saved, self.device = self.device, dev
+        try:
+            rows_of = self._source(job.source)
+            prepared = []
+            for u in job.updates:
+                if isinstance(u, (LowRank, Dora)):
+                    a, b = self._adapter_tensor(u.a, "lora_A"), self._adapter_tensor(u.b, "lora_B")
+                    extra = self._adapter_tensor(u.magnitude, "DoRA magnitude") if isinstance(u, Dora) else None
+                    prepared.append((u, a, b, extra))
+                elif isinstance(u, BiasDelta):
+                    prepared.append((u, self._adapter_tensor(u.vec, "lora_B.bias"), None, None))
+                else:
+                    prepared.append((u, self._adapter_tensor(u.values, "trainable tokens"), None, None))
+        finally:
+            self.device = saved
+        return rows_of, prepared
+
     def blocks(self, job: TensorJob) -> Iterator[tuple[str, memoryview]]:
-        """``(tensor name, bytes)`` of the job's output(s), in order."""
+        """``(tensor name, bytes)`` of the job's output(s), in order. On an accelerator that runs out
+        of memory, the block is retried at half the rows, and at the smallest block on the CPU."""
         if job.is_copy:
             for off in range(0, job.nbytes, COPY_CHUNK):
                 yield job.name, self.reader.raw(job.source, off, min(COPY_CHUNK, job.nbytes - off))
             return
         out_dtype = DTYPES[job.dtype][1]
-        rows_of = self._source(job.source)
-        prepared = []
-        for u in job.updates:
-            if isinstance(u, (LowRank, Dora)):
-                a, b = self._adapter_tensor(u.a, "lora_A"), self._adapter_tensor(u.b, "lora_B")
-                if not bool(b.any()):
-                    self.report.warnings.append(
-                        f"{job.name}: lora_B from {u.origin} is all zero; the merge changes nothing"
-                    )
-                extra = self._adapter_tensor(u.magnitude, "DoRA magnitude") if isinstance(u, Dora) else None
-                prepared.append((u, a, b, extra))
-            elif isinstance(u, BiasDelta):
-                prepared.append((u, self._adapter_tensor(u.vec, "lora_B.bias"), None, None))
-            else:
-                prepared.append((u, self._adapter_tensor(u.values, "trainable tokens"), None, None))
+        dev = self.device
+        rows_of, prepared = self._prepare(job, dev)
+        for u, _, b, _ in prepared:
+            if isinstance(u, (LowRank, Dora)) and not bool(b.any()):
+                self.report.warnings.append(
+                    f"{job.name}: lora_B from {u.origin} is all zero; the merge changes nothing"
+                )
         rows = job.shape[0] if job.shape else 1
         step = self._block_rows(job)
-        for r0 in range(0, rows, step):
+        need = step * numel(job.shape[1:]) * self.bytes_per_element(job)
+        if need > self.opts.block_bytes and len(job.shape) >= 2 and step == rows:
+            why = "merged_4bit re-quantization" if job.quant else "DoRA norms" if job.updates else "this tensor"
+            self.report.warnings.append(
+                f"{job.name}: {why} needs the whole tensor at once ({need / 2**20:.0f} MiB of work memory), "
+                f"more than the {self.opts.block_bytes / 2**20:.0f} MiB budget"
+            )
+        r0 = 0
+        while r0 < rows:
             r1 = min(rows, r0 + step)
-            whole = r0 == 0 and r1 == rows
-            shape = (r1 - r0, *job.shape[1:]) if len(job.shape) >= 2 else job.shape
-            blk = rows_of(r0, r1).reshape(shape)
-            if blk.dtype != out_dtype and out_dtype != torch.float32:
-                blk = blk.to(out_dtype)  # the base as loaded in the output dtype, as PEFT would see it
-            self._slot = (self._slot + 1) % (WRITE_QUEUE + 2)  # buffers still queued for writing are not reused
-            w = self.ws.take(f"w{self._slot}", shape, torch.float32)
-            w.copy_(blk)
-            for u, a, b, extra in prepared:
-                if isinstance(u, LowRank):
-                    if u.transposed:
-                        aa = a if whole else a[:, r0:r1].contiguous()
-                        delta = lora.lowrank_delta(aa, b, u.scaling, True)
-                    else:
-                        d = self.ws.take("d", shape, torch.float32)
-                        delta = lora.lowrank_delta(a, b if whole else b[r0:r1], u.scaling, False, out=d)
-                    lora.apply_lowrank(w, delta, u.weight, out_dtype if u.round_delta else None)
-                elif isinstance(u, BiasDelta):
-                    lora.apply_bias(w, a, u.scaling, u.weight)
-                elif isinstance(u, Dora):
-                    delta = lora.lowrank_delta(a, b, u.scaling, u.embedding or u.fan_in_fan_out)
-                    w = lora.dora_merge(w, delta, extra, u.fan_in_fan_out, u.embedding)
-                elif isinstance(u, RowReplace):
-                    lora.replace_rows(w, r0, u.indices, a)
-            if out_dtype == torch.float32:
-                out = w
-            else:
-                out = self.ws.take(f"o{self._slot}", shape, out_dtype)
-                out.copy_(w)
-            if not self.opts.allow_nonfinite and not _finite_in(w, out_dtype):
-                raise NonFiniteError(
-                    f"merging into {job.name!r} produced NaN or Inf (rows {r0}..{r1})",
-                    hint="the adapter's update overflows the output dtype; try --dtype fp32 or bf16, "
-                    "or --allow-nonfinite to write it anyway",
-                )
+            try:
+                t = time.perf_counter()
+                out = self._merge_block(job, rows_of, prepared, r0, r1, rows, out_dtype)
+                self.stage["merge"] += time.perf_counter() - t
+            except torch.OutOfMemoryError:
+                if dev.type == "cpu":
+                    raise OutputError(
+                        f"out of memory merging {job.name!r} even in blocks of {r1 - r0} rows",
+                        hint="lower --max-memory (smaller blocks) or free memory",
+                    ) from None
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                align = self._align(job)
+                if step > align and job.quant is None and not any(isinstance(u, Dora) for u in job.updates):
+                    step = max(align, (step // 2) // align * align)
+                    self.report.notes.append(f"{job.name}: {dev.type} out of memory, retrying in {step}-row blocks")
+                else:
+                    dev = torch.device("cpu")
+                    rows_of, prepared = self._prepare(job, dev)
+                    self.report.notes.append(f"{job.name}: {self.device.type} out of memory, merged on the CPU")
+                continue
             self.peak_anon = max(self.peak_anon, _anon_bytes())
             if job.quant is not None:
                 q = job.quant
@@ -294,6 +332,48 @@ class Executor:
                     yield name, _bytes(parts[name[len(job.name) + 1 :]])
             else:
                 yield job.name, _bytes(out)
+            r0 = r1
+
+    def _merge_block(self, job, rows_of, prepared, r0: int, r1: int, rows: int, out_dtype) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of the merged tensor, rounded to ``out_dtype`` (a view of a work buffer)."""
+        whole = r0 == 0 and r1 == rows
+        shape = (r1 - r0, *job.shape[1:]) if len(job.shape) >= 2 else job.shape
+        t = time.perf_counter()
+        blk = rows_of(r0, r1).reshape(shape)
+        if blk.dtype != out_dtype and out_dtype != torch.float32:
+            blk = blk.to(out_dtype)  # the base as loaded in the output dtype, as PEFT would see it
+        self._slot = (self._slot + 1) % (WRITE_QUEUE + 2)  # buffers still queued for writing are not reused
+        w = self.ws.take(f"w{self._slot}", shape, torch.float32, blk.device)
+        w.copy_(blk)
+        self.stage["dequant" if not isinstance(job.source, TensorRef) else "read"] += time.perf_counter() - t
+        for u, a, b, extra in prepared:
+            if isinstance(u, LowRank):
+                if u.transposed:
+                    aa = a if whole else a[:, r0:r1].contiguous()
+                    delta = lora.lowrank_delta(aa, b, u.scaling, True)
+                else:
+                    d = self.ws.take("d", shape, torch.float32, w.device)
+                    delta = lora.lowrank_delta(a, b if whole else b[r0:r1], u.scaling, False, out=d)
+                lora.apply_lowrank(w, delta, u.weight, out_dtype if u.round_delta else None)
+            elif isinstance(u, BiasDelta):
+                lora.apply_bias(w, a, u.scaling, u.weight)
+            elif isinstance(u, Dora):
+                delta = lora.lowrank_delta(a, b, u.scaling, u.embedding or u.fan_in_fan_out)
+                w = lora.dora_merge(w, delta, extra, u.fan_in_fan_out, u.embedding)
+            elif isinstance(u, RowReplace):
+                lora.replace_rows(w, r0, u.indices, a)
+        if out_dtype == torch.float32:
+            out = w
+        else:
+            out = self.ws.take(f"o{self._slot}", shape, out_dtype, w.device)
+            out.copy_(w)
+        if not self.opts.allow_nonfinite and not _finite_in(w, out_dtype):
+            raise NonFiniteError(
+                f"merging into {job.name!r} produced NaN or Inf (rows {r0}..{r1})",
+                hint="the adapter's update overflows the output dtype; try --dtype fp32 or bf16, "
+                "or --allow-nonfinite to write it anyway",
+            )
+        return out
 
 
 def _finite_in(w: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -308,16 +388,16 @@ def _finite_in(w: torch.Tensor, dtype: torch.dtype) -> bool:
 class Workspace:
     """Reusable flat work buffers: steady-state merging allocates (and page-faults) nothing new."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
-    def take(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def take(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         n = numel(shape)
-        buf = self._bufs.get((key, dtype))
+        buf = self._bufs.get((key, dtype, device))
         if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=dtype, device=self.device)
-            self._bufs[(key, dtype)] = buf
+            self._bufs.pop((key, dtype, device), None)
+            buf = torch.empty(n, dtype=dtype, device=device)
+            self._bufs[(key, dtype, device)] = buf
         return buf[:n].view(shape)
 
     @property
@@ -370,7 +450,7 @@ def merge(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     progress: bool = False,
-    block_bytes: int | str = 64 * 1024 * 1024,
+    max_memory: int | str | float = DEFAULT_MAX_MEMORY,
     quant_type: str | None = None,
     blocksize: int | None = None,
     double_quant: bool | None = None,
@@ -405,7 +485,7 @@ def merge(
         device=device,
         save_method=save_method,
         allow_nonfinite=allow_nonfinite,
-        block_bytes=parse_size(block_bytes),
+        block_bytes=parse_memory(max_memory),
         quant=qout,
     )
     dev = resolve_device(device)
@@ -428,6 +508,7 @@ def merge(
                 "device": device,
                 "save_method": save_method,
                 "allow_nonfinite": allow_nonfinite,
+                "max_memory": opts.block_bytes,
             },
             dry_run=dry_run,
             device=str(dev),
@@ -613,7 +694,15 @@ def _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, pr
         write_json(work / "config.json", plan.config)
         for name, src in aux.items():
             copy_file(src, work / name)
-        report.seconds = {"compute": round(t_compute, 3), "write": round(wt.busy, 3)}
+        st = ex.stage
+        report.seconds = {
+            "read": round(st["read"], 3),
+            "dequant": round(st["dequant"], 3),
+            "merge": round(st["merge"] - st["read"] - st["dequant"], 3),
+            "write": round(wt.busy, 3),
+            "compute": round(t_compute, 3),
+        }
+        report.work_buffer_bytes = ex.ws.nbytes
         report.peak_anon_bytes = ex.peak_anon
         write_json(work / REPORT_NAME, report.to_dict())
         commit_work_dir(work, out)

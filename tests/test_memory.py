@@ -40,6 +40,8 @@ def test_merge_under_data_cap_on_model_three_times_larger(tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["work_buffer_bytes"] <= 128 * 2**20  # the default --max-memory budget
     # a control: the same cap is really binding (allocating the model's size fails under it)
     ctl = subprocess.run(
         [

@@ -145,7 +145,7 @@ def test_adapter_name_in_keys_and_row_blocks(tmp_path):
     }
     save_file(renamed, adapter / "adapter_model.safetensors")
     out = tmp_path / "out"
-    streammerge.merge(base, adapter, out, block_bytes=1)  # one row per block
+    streammerge.merge(base, adapter, out, max_memory=1)  # one row per block
     save_file(sd, adapter / "adapter_model.safetensors")
     ref = peft_merged(base, [adapter], dtype=torch.bfloat16)
     assert_matches_state_dict(out, ref.state_dict())

@@ -241,7 +241,7 @@ def test_handmade_layouts_spread_over_shards(q_models, tmp_path, quant_type, blo
     q = _quantize_sd(model, quant_type, blocksize, double, storage)
     base = _handmade_4bit(tmp_path / "q", model, q, quant_type, blocksize, double)
     out = tmp_path / "out"
-    streammerge.merge(base, q_models["ad"], out, block_bytes=1)
+    streammerge.merge(base, q_models["ad"], out, max_memory=1)
     got = read_dir(out)
     # reference: each weight dequantized by bitsandbytes' reference kernel, then PEFT's LoRA merge
     deq = {k: bnb_reference(*v) if isinstance(v, tuple) else v for k, v in q.items()}
