@@ -184,17 +184,21 @@ class Executor:
         self.report = report
         self.peak_anon = 0
         self.ws = Workspace()
+        self._zero_warned: set[str] = set()
         self._slot = 0
         self.stage = {"read": 0.0, "dequant": 0.0, "merge": 0.0}
 
     def _adapter_tensor(self, ref: TensorRef, role: str) -> torch.Tensor:
-        t = self.reader.tensor(ref).to(self.device, torch.float32)
+        t = self.reader.tensor(ref).to(torch.float32)  # PEFT upcasts adapter weights to fp32 at load
         if not self.opts.allow_nonfinite and not bool(torch.isfinite(t).all()):
             raise NonFiniteError(
                 f"{ref.file}: adapter tensor {ref.name!r} ({role}) contains NaN or Inf",
                 hint="the adapter is broken (diverged training?); pass --allow-nonfinite to merge anyway",
             )
-        return t
+        if role == "lora_B" and not bool(t.any()) and ref.name not in self._zero_warned:
+            self._zero_warned.add(ref.name)
+            self.report.warnings.append(f"{ref.name} is all zero: merging it changes nothing")
+        return t.to(self.device)
 
     def bytes_per_element(self, job: TensorJob) -> int:
         """Work memory per weight element while merging a block: the fp32 rows and rounded output in
@@ -285,11 +289,6 @@ class Executor:
         out_dtype = DTYPES[job.dtype][1]
         dev = self.device
         rows_of, prepared = self._prepare(job, dev)
-        for u, _, b, _ in prepared:
-            if isinstance(u, (LowRank, Dora)) and not bool(b.any()):
-                self.report.warnings.append(
-                    f"{job.name}: lora_B from {u.origin} is all zero; the merge changes nothing"
-                )
         rows = job.shape[0] if job.shape else 1
         step = self._block_rows(job)
         need = step * numel(job.shape[1:]) * self.bytes_per_element(job)

@@ -1,0 +1,147 @@
+"""Fast paths against the simple path, bit for bit: row blocks under tiny budgets, the overlapped
+writer, transposed (fan_in_fan_out / embedding) column blocks, and the out-of-memory fallbacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import read_dir
+from safetensors.torch import save_file
+
+import streammerge
+import streammerge.run as run_mod
+
+
+@pytest.fixture(scope="module")
+def wide_pair(tmp_path_factory):
+    """A base with tensors big enough to split into many blocks: a Linear [1000, 320], a Conv1D-style
+    [320, 1300] (fan_in_fan_out) and an embedding [2000, 96], with LoRA on each."""
+    root = tmp_path_factory.mktemp("wide")
+    g = torch.Generator().manual_seed(0)
+    base, ad = root / "base", root / "ad"
+    base.mkdir()
+    ad.mkdir()
+    t = {
+        "model.embed_tokens.weight": torch.randn(2000, 96, generator=g).to(torch.bfloat16),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(1000, 320, generator=g).to(torch.bfloat16),
+        "model.layers.0.mlp.conv.weight": torch.randn(320, 1300, generator=g).to(torch.bfloat16),
+        "model.norm.weight": torch.ones(96, dtype=torch.bfloat16),
+    }
+    save_file(t, base / "model.safetensors", metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": False}))
+    r = 8
+    lora = {
+        "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.randn(r, 320, generator=g),
+        "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.randn(1000, r, generator=g),
+        "base_model.model.model.layers.0.mlp.conv.lora_A.weight": torch.randn(r, 320, generator=g),
+        "base_model.model.model.layers.0.mlp.conv.lora_B.weight": torch.randn(1300, r, generator=g),
+        "base_model.model.model.embed_tokens.lora_embedding_A": torch.randn(r, 2000, generator=g),
+        "base_model.model.model.embed_tokens.lora_embedding_B": torch.randn(96, r, generator=g),
+    }
+    save_file(lora, ad / "adapter_model.safetensors")
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 16, "fan_in_fan_out": False, "target_modules": ["up_proj"]}
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    return base, ad, t, lora
+
+
+def _dense_reference(t, lora):
+    """PEFT's formulas on whole tensors."""
+    s = 2.0
+    p = "base_model.model.model."
+    ref = dict(t)
+    up, conv = "layers.0.mlp.up_proj", "layers.0.mlp.conv"
+    ref[f"model.{up}.weight"] = (
+        t[f"model.{up}.weight"].float() + (lora[f"{p}{up}.lora_B.weight"] @ lora[f"{p}{up}.lora_A.weight"]) * s
+    ).to(torch.bfloat16)
+    # the conv module is [in, out] but this adapter's config says fan_in_fan_out=false for it, so it is
+    # exercised through the embedding-like transposed path only via the embedding below
+    emb = (lora[f"{p}embed_tokens.lora_embedding_B"] @ lora[f"{p}embed_tokens.lora_embedding_A"]).T * s
+    ref["model.embed_tokens.weight"] = t["model.embed_tokens.weight"] + emb.to(torch.bfloat16)
+    return ref
+
+
+def test_blocks_and_budgets_are_bit_identical(wide_pair, tmp_path):
+    base, ad, t, lora = wide_pair
+    lora_no_conv = {k: v for k, v in lora.items() if ".conv." not in k}
+    ad2 = tmp_path / "ad2"
+    ad2.mkdir()
+    save_file(lora_no_conv, ad2 / "adapter_model.safetensors")
+    (ad2 / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
+    ref = _dense_reference(t, lora)
+    outs = {}
+    for budget in (1, "1MiB", "16MiB", "1GiB"):
+        out = tmp_path / f"out_{budget}"
+        rep = streammerge.merge(base, ad2, out, max_memory=budget)
+        outs[budget] = read_dir(out)
+        assert rep.work_buffer_bytes <= max(run_mod.parse_memory(budget), 2**20) or budget == 1
+    for budget, got in outs.items():
+        for k, v in ref.items():
+            assert torch.equal(got[k], v), (budget, k)
+
+
+def test_fan_in_fan_out_column_blocks(wide_pair, tmp_path):
+    base, ad, t, lora = wide_pair
+    ad3 = tmp_path / "ad3"
+    ad3.mkdir()
+    p = "base_model.model.model.layers.0.mlp.conv"
+    save_file({k: v for k, v in lora.items() if k.startswith(p)}, ad3 / "adapter_model.safetensors")
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "fan_in_fan_out": True, "target_modules": ["conv"]}
+    (ad3 / "adapter_config.json").write_text(json.dumps(cfg))
+    want = (
+        t["model.layers.0.mlp.conv.weight"].float() + (lora[f"{p}.lora_B.weight"] @ lora[f"{p}.lora_A.weight"]).T * 2.0
+    ).to(torch.bfloat16)
+    for budget in (1, "1GiB"):
+        out = tmp_path / f"o{budget}"
+        streammerge.merge(base, ad3, out, max_memory=budget)
+        assert torch.equal(read_dir(out)["model.layers.0.mlp.conv.weight"], want)
+
+
+def test_accelerator_oom_halves_blocks_then_falls_back_to_cpu(wide_pair, tmp_path, monkeypatch):
+    """Simulated: blocks on a non-CPU device fail with OutOfMemoryError until they are small, then
+    always; the result must equal the plain CPU merge bit for bit."""
+    base, ad, t, lora = wide_pair
+    ad2 = tmp_path / "ad2"
+    ad2.mkdir()
+    save_file({k: v for k, v in lora.items() if ".conv." not in k}, ad2 / "adapter_model.safetensors")
+    (ad2 / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
+    plain = tmp_path / "plain"
+    streammerge.merge(base, ad2, plain)
+    real = run_mod.Executor._merge_block
+    calls = {"oom": 0}
+
+    def fake(self, job, rows_of, prepared, r0, r1, rows, out_dtype):
+        probe = rows_of(r0, min(r1, r0 + 1))
+        if probe.device.type != "cpu":
+            calls["oom"] += 1
+            raise torch.OutOfMemoryError("simulated")
+        return real(self, job, rows_of, prepared, r0, r1, rows, out_dtype)
+
+    monkeypatch.setattr(run_mod.Executor, "_merge_block", fake)
+    monkeypatch.setattr(run_mod, "resolve_device", lambda name: torch.device("meta"))
+    rep = streammerge.merge(base, ad2, tmp_path / "oom", device="cuda", max_memory="1GiB")
+    assert calls["oom"] >= 2
+    assert any("retrying in" in n for n in rep.notes) and any("merged on the CPU" in n for n in rep.notes)
+    a, b = read_dir(plain), read_dir(tmp_path / "oom")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage_timings_reported(wide_pair, tmp_path):
+    base, ad, _, lora = wide_pair
+    ad2 = tmp_path / "ad2"
+    ad2.mkdir()
+    save_file({k: v for k, v in lora.items() if ".conv." not in k}, ad2 / "adapter_model.safetensors")
+    (ad2 / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
+    rep = streammerge.merge(base, ad2, tmp_path / "o")
+    assert {"read", "dequant", "merge", "write", "total"} <= set(rep.seconds)
+    assert all(v >= 0 for v in rep.seconds.values())
+
+
+def test_max_memory_parsing():
+    assert run_mod.parse_memory("256MiB") == 256 * 2**20
+    assert run_mod.parse_memory("2GB") == 2 * 10**9
+    frac = run_mod.parse_memory("0.5")
+    assert 0 < frac < 2**50
+    with pytest.raises(ValueError):
+        run_mod.parse_memory("lots")
