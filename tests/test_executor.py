@@ -51,7 +51,7 @@ def _dense_reference(t, lora):
     s = 2.0
     p = "base_model.model.model."
     ref = dict(t)
-    up, conv = "layers.0.mlp.up_proj", "layers.0.mlp.conv"
+    up, _conv = "layers.0.mlp.up_proj", "layers.0.mlp.conv"
     ref[f"model.{up}.weight"] = (
         t[f"model.{up}.weight"].float() + (lora[f"{p}{up}.lora_B.weight"] @ lora[f"{p}{up}.lora_A.weight"]) * s
     ).to(torch.bfloat16)
@@ -82,7 +82,7 @@ def test_blocks_and_budgets_are_bit_identical(wide_pair, tmp_path):
 
 
 def test_fan_in_fan_out_column_blocks(wide_pair, tmp_path):
-    base, ad, t, lora = wide_pair
+    base, _ad, t, lora = wide_pair
     ad3 = tmp_path / "ad3"
     ad3.mkdir()
     p = "base_model.model.model.layers.0.mlp.conv"
@@ -101,7 +101,7 @@ def test_fan_in_fan_out_column_blocks(wide_pair, tmp_path):
 def test_accelerator_oom_halves_blocks_then_falls_back_to_cpu(wide_pair, tmp_path, monkeypatch):
     """Simulated: blocks on a non-CPU device fail with OutOfMemoryError until they are small, then
     always; the result must equal the plain CPU merge bit for bit."""
-    base, ad, t, lora = wide_pair
+    base, ad, _t, lora = wide_pair
     ad2 = tmp_path / "ad2"
     ad2.mkdir()
     save_file({k: v for k, v in lora.items() if ".conv." not in k}, ad2 / "adapter_model.safetensors")
