@@ -26,6 +26,8 @@ from pathlib import Path
 
 import psutil
 
+from streammerge.run import parse_size
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".bench"
 PRESETS = {
@@ -35,6 +37,7 @@ PRESETS = {
     "large": (4096, 11008, 18, 32, 8, 32000, 8),
     "70b-slice": (8192, 28672, 2, 64, 8, 128256, 4),
 }
+STARTUP_S = 2.0  # python + import torch on the reference machine, measured separately
 PEFT_SNIPPET = """
 import sys, torch
 from transformers import AutoModelForCausalLM
@@ -122,12 +125,15 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, i
     return wall, peak["VmHWM"], peak["RssAnon"]
 
 
-def bench_tool(tool: str, base: Path, ad: Path, out: Path, extra: list[str]) -> tuple[float, int, int]:
+def bench_tool(
+    tool: str, base: Path, ad: Path, out: Path, extra: list[str], prlimit: str | None = None
+) -> tuple[float, int, int]:
     shutil.rmtree(out, ignore_errors=True)
     warm(base)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     if tool == "streammerge":
         cmd = [
+            *(["prlimit", f"--data={parse_size(prlimit)}"] if prlimit else []),
             sys.executable,
             "-m",
             "streammerge",
@@ -151,6 +157,23 @@ def bench_tool(tool: str, base: Path, ad: Path, out: Path, extra: list[str]) -> 
         res = (time.perf_counter() - t0, rss, anon)
     shutil.rmtree(out, ignore_errors=True)
     return res
+
+
+def projection_70b(r: Result) -> str:
+    """Full Llama-3-70B (80 layers) time from the 2-layer slice: the pipeline's cost is linear in bytes
+    (see the size sweep), so scale the slice's merge time (less interpreter start-up) by bytes."""
+    hidden, inter, _, heads, kv, vocab, _ = PRESETS["70b-slice"]
+    head_dim = hidden // heads
+    layer = 2 * (hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2 + 3 * hidden * inter + 2 * hidden)
+    full = 80 * layer + 2 * 2 * vocab * hidden + 2 * hidden
+    startup = STARTUP_S
+    scale = full / r.model_bytes
+    est = startup + (r.wall_s - startup) * scale
+    return (
+        f"70B projection: slice {r.model_bytes / 1e9:.1f} GB in {r.wall_s:.1f} s -> full model {full / 1e9:.0f} GB "
+        f"in about {est / 60:.1f} min ({scale:.1f}x the bytes; {startup:.1f} s start-up counted once), "
+        f"peak anon {fmt_gib(r.peak_anon)} GiB"
+    )
 
 
 def fmt_gib(n: int) -> str:
@@ -218,6 +241,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="write all numbers to this JSON file")
     p.add_argument("--plot", type=Path, help="draw the comparison to this PNG")
     p.add_argument("--out-dir", type=Path, default=CACHE / "out", help="where outputs are written (and removed)")
+    p.add_argument("--prlimit", help="run streammerge under prlimit --data=SIZE (e.g. 1GiB) to prove the bound")
     p.add_argument("streammerge_args", nargs="*", help="extra arguments for streammerge merge (after --)")
     args = p.parse_args()
     results: list[Result] = []
@@ -230,7 +254,7 @@ def main() -> int:
         for tool in tools:
             runs = []
             for _ in range(args.repeat):
-                runs.append(bench_tool(tool, base, ad, args.out_dir / tool, args.streammerge_args))
+                runs.append(bench_tool(tool, base, ad, args.out_dir / tool, args.streammerge_args, args.prlimit))
                 print(f"  {size} {tool}: {runs[-1][0]:.2f}s", file=sys.stderr, flush=True)
             wall = statistics.median(r[0] for r in runs)
             results.append(
@@ -253,6 +277,9 @@ def main() -> int:
                 f"peak anon {fmt_gib(sm.peak_anon)} vs {fmt_gib(by['peft'].peak_anon)} GiB"
             )
         print(line)
+    for r in results:
+        if r.size == "70b-slice" and r.tool == "streammerge":
+            print(projection_70b(r))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     if args.plot:

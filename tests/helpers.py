@@ -142,7 +142,9 @@ def assert_matches_state_dict(out_dir: Path, ref_sd: dict[str, torch.Tensor], sk
         assert k in ref_sd, f"we wrote {k} which the reference lacks"
         dist[k] = ulp_distance(v, ref_sd[k].detach().contiguous())
     missing = [k for k in ref_sd if k not in ours and k not in skip_missing]
-    worst = {k: d for k, d in dist.items() if d}
+    # CPU results are bit-identical; CUDA's matmul may differ in the last bit (scripts/gpu_check.py sets 1)
+    allowed = int(os.environ.get("STREAMMERGE_MAX_ULP", "0"))
+    worst = {k: d for k, d in dist.items() if d > allowed}
     assert not worst, f"ulp distances: {worst}"
     return {"missing": missing, **dist}
 
