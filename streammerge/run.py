@@ -34,6 +34,7 @@ from .plan import (
     build_plan,
 )
 from .sink import (
+    OutputLock,
     ShardWriter,
     check_output,
     commit_work_dir,
@@ -530,7 +531,8 @@ def merge(
             report.seconds = {"total": round(time.perf_counter() - t0, 3)}
             return report
         if save_method == "lora":
-            _write_lora(ads[0], out, reader, report)
+            with OutputLock(out):
+                _write_lora(ads[0], out, reader, report)
             report.seconds["total"] = round(time.perf_counter() - t0, 3)
             return report
         needed = plan.total_size + sum(p.stat().st_size for p in aux.values())
@@ -539,7 +541,8 @@ def merge(
                 f"{out.parent}: {free / 1e9:.2f} GB free, the output needs {needed / 1e9:.2f} GB",
                 hint="free disk space or choose another output location",
             )
-        _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, progress)
+        with OutputLock(out):
+            _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, progress)
         report.seconds["total"] = round(time.perf_counter() - t0, 3)
         report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         report.bytes_read = reader.bytes_read

@@ -151,6 +151,47 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
         )
 
 
+class OutputLock:
+    """An exclusive lock on OUT (``.OUT.streammerge.lock`` beside it, ``flock``): two runs writing the
+    same output cannot both proceed. Released when the holder exits, even if it is killed."""
+
+    def __init__(self, out: Path):
+        self.path = out.parent / f".{out.name}.streammerge.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot create the lock file: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise OutputError(
+                f"{self.path.parent / self.path.name[1:].replace('.streammerge.lock', '')}: another streammerge "
+                f"run is writing this output (pid {holder or '?'})",
+                hint="wait for it to finish, or choose another output directory",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+
 def prepare_work_dir(out: Path) -> Path:
     work = work_dir_for(out)
     try:

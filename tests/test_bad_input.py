@@ -218,3 +218,15 @@ def test_empty_existing_output_is_fine(llama_pair, tmp_path):
     out.mkdir()
     streammerge.merge(base, ad, out)
     assert (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists()
+
+
+def test_concurrent_run_on_same_output_is_refused(llama_pair, tmp_path):
+    from streammerge.sink import OutputLock
+
+    base, ad = llama_pair
+    out = tmp_path / "out"
+    with OutputLock(out), pytest.raises(OutputError, match="another streammerge run is writing"):
+        streammerge.merge(base, ad, out)
+    assert not out.exists()
+    streammerge.merge(base, ad, out)  # the lock is gone once its holder is done
+    assert (out / "config.json").exists() and not (tmp_path / ".out.streammerge.lock").exists()
