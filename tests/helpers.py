@@ -158,3 +158,27 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model(input_ids=ids)
     return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
+
+
+LOGIT_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+def merge_and_compare(tmp_path: Path, base: Path, adapter: Path, dtype, *, unmerged_tol=None, **merge_kw):
+    """Merge with streammerge and hold it to PEFT: every tensor equal to merge_and_unload()'s, the
+    output loads in transformers with PEFT's merged logits, and the unmerged PEFT model's logits
+    within a dtype-sized tolerance. Returns (report, out dir, loaded merged model)."""
+    import streammerge
+
+    out = tmp_path / "out"
+    report = streammerge.merge(base, adapter, out, **merge_kw)
+    ref = peft_merged(base, [adapter], dtype=dtype)
+    assert_matches_state_dict(out, ref.state_dict(), skip_missing={"lm_head.weight"})
+    merged = load_base(out)
+    assert merged.dtype == dtype
+    ids = sample_ids(merged.config.vocab_size)
+    got = logits(merged, ids)
+    assert torch.equal(got, logits(ref, ids)), "same weights must give the same logits"
+    unmerged = logits(peft_unmerged(base, adapter, dtype=dtype), ids)
+    tol = unmerged_tol if unmerged_tol is not None else LOGIT_TOL[dtype]
+    assert (got - unmerged).abs().max().item() <= tol, (got - unmerged).abs().max().item()
+    return report, out, merged

@@ -14,6 +14,7 @@ from helpers import (
     build_model,
     load_base,
     logits,
+    merge_and_compare,
     peft_merged,
     peft_unmerged,
     read_dir,
@@ -24,29 +25,13 @@ from helpers import (
 import streammerge
 from streammerge.errors import AdapterError
 
-TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
-
-
-def _merge_and_compare(tmp_path, base, adapter, dtype, *, tied_ok=True, unmerged_tol=None, **kw):
-    out = tmp_path / "out"
-    report = streammerge.merge(base, adapter, out, **kw)
-    ref = peft_merged(base, [adapter], dtype=dtype)
-    assert_matches_state_dict(out, ref.state_dict(), skip_missing={"lm_head.weight"} if tied_ok else ())
-    merged = load_base(out)
-    ids = sample_ids(merged.config.vocab_size)
-    got = logits(merged, ids)
-    unmerged = logits(peft_unmerged(base, adapter, dtype=dtype), ids)
-    tol = unmerged_tol if unmerged_tol is not None else TOL[dtype]
-    assert (got - unmerged).abs().max().item() <= tol, (got - unmerged).abs().max().item()
-    return report, out, merged
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dora_linear(tmp_path, dtype):
     model = build_model("llama", dtype)
     base = save_base(model, tmp_path / "base")
     ad = build_adapter(model, tmp_path / "ad", r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "o_proj"])
-    report, _, _ = _merge_and_compare(tmp_path, base, ad, dtype)
+    report, _, _ = merge_and_compare(tmp_path, base, ad, dtype)
     assert {m["kind"] for m in report.modules} == {"dora"}
 
 
@@ -56,7 +41,7 @@ def test_dora_fan_in_fan_out_gpt2(tmp_path):
     ad = build_adapter(
         model, tmp_path / "ad", r=4, lora_alpha=8, use_dora=True, fan_in_fan_out=True, target_modules=["c_attn", "c_fc"]
     )
-    _merge_and_compare(tmp_path, base, ad, torch.float32)
+    merge_and_compare(tmp_path, base, ad, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -64,7 +49,7 @@ def test_embedding_lora_two_roundings(tmp_path, dtype):
     model = build_model("llama", dtype)
     base = save_base(model, tmp_path / "base")
     ad = build_adapter(model, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["embed_tokens", "v_proj"])
-    report, _, _ = _merge_and_compare(tmp_path, base, ad, dtype)
+    report, _, _ = merge_and_compare(tmp_path, base, ad, dtype)
     assert "embedding" in {m["kind"] for m in report.modules}
 
 
@@ -72,7 +57,7 @@ def test_dora_embedding(tmp_path):
     model = build_model("llama", torch.float32)
     base = save_base(model, tmp_path / "base")
     ad = build_adapter(model, tmp_path / "ad", r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens"])
-    _merge_and_compare(tmp_path, base, ad, torch.float32)
+    merge_and_compare(tmp_path, base, ad, torch.float32)
 
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
@@ -88,7 +73,7 @@ def test_modules_to_save_and_bias(tmp_path, bias):
         target_modules=["q_proj", "k_proj"],
         modules_to_save=["post_attention_layernorm"],
     )
-    report, _, _ = _merge_and_compare(tmp_path, base, ad, torch.float32)
+    report, _, _ = merge_and_compare(tmp_path, base, ad, torch.float32)
     kinds = [m["kind"] for m in report.modules]
     assert "replace" in kinds
 
@@ -99,7 +84,7 @@ def test_trainable_tokens_list_and_dict(tmp_path):
     ad = build_adapter(
         model, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[3, 7, 150]
     )
-    _merge_and_compare(tmp_path, base, ad, torch.bfloat16)
+    merge_and_compare(tmp_path, base, ad, torch.bfloat16)
     ad2 = build_adapter(
         model,
         tmp_path / "ad2",
@@ -109,7 +94,7 @@ def test_trainable_tokens_list_and_dict(tmp_path):
         trainable_token_indices={"embed_tokens": [1, 2]},
     )
     shutil.rmtree(tmp_path / "out")
-    _merge_and_compare(tmp_path, base, ad2, torch.bfloat16)
+    merge_and_compare(tmp_path, base, ad2, torch.bfloat16)
 
 
 def test_tied_gemma_lora_on_embedding_and_lm_head_keeps_tie(tmp_path):
@@ -291,7 +276,7 @@ def test_architectures(tmp_path, arch, dtype, targets):
     model = build_model(arch, dtype)
     base = save_base(model, tmp_path / "base")
     ad = build_adapter(model, tmp_path / "ad", r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=arch == "gpt2")
-    _merge_and_compare(tmp_path, base, ad, dtype)
+    merge_and_compare(tmp_path, base, ad, dtype)
 
 
 def test_mixtral_style_moe_with_per_expert_linear_adapter(tmp_path):

@@ -12,11 +12,9 @@ from helpers import (
     build_adapter,
     build_model,
     load_base,
-    logits,
+    merge_and_compare,
     peft_merged,
-    peft_unmerged,
     read_dir,
-    sample_ids,
     save_base,
 )
 
@@ -25,30 +23,12 @@ import streammerge
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _check(tmp_path, base, adapter, dtype, out_name="out", logit_tol=None, **merge_kw):
-    out = tmp_path / out_name
-    report = streammerge.merge(base, adapter, out, **merge_kw)
-    ref = peft_merged(base, [adapter], dtype=dtype)
-    assert_matches_state_dict(out, ref.state_dict(), skip_missing={"lm_head.weight"})
-    merged = load_base(out)
-    assert merged.dtype == dtype
-    ids = sample_ids(merged.config.vocab_size)
-    got = logits(merged, ids)
-    assert torch.equal(got, logits(ref, ids)), "same weights must give the same logits"
-    unmerged = logits(peft_unmerged(base, adapter, dtype=dtype), ids)
-    tol = (
-        logit_tol if logit_tol is not None else {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
-    )
-    assert (got - unmerged).abs().max().item() <= tol
-    return report, out
-
-
 def test_llama_bf16_sharded(tmp_path):
     model = build_model("llama", torch.bfloat16)
     base = save_base(model, tmp_path / "base", shard="60KB")
     assert (base / "model.safetensors.index.json").exists()
     adapter = build_adapter(model, tmp_path / "ad", r=8, lora_alpha=16, target_modules=[*ATTN_MLP, "lm_head"])
-    report, out = _check(tmp_path, base, adapter, torch.bfloat16, shard_size="50KB")
+    report, out, _ = merge_and_compare(tmp_path, base, adapter, torch.bfloat16, shard_size="50KB")
     assert len(report.shards) > 2
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(p.name for p in out.glob("*.safetensors"))
@@ -81,7 +61,7 @@ def test_qwen2_fp16_bias_rslora_patterns(tmp_path):
     )
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["use_rslora"] and cfg["rank_pattern"]
-    report, _ = _check(tmp_path, base, adapter, torch.float16)
+    report, _, _ = merge_and_compare(tmp_path, base, adapter, torch.float16)
     by = {m["module"]: m for m in report.modules}
     assert by["model.layers.1.self_attn.q_proj"]["r"] == 4
     assert by["model.layers.0.self_attn.q_proj"]["r"] == 8
@@ -96,7 +76,7 @@ def test_qwen2_lora_bias(tmp_path):
     adapter = build_adapter(
         model, tmp_path / "ad", r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "v_proj"]
     )
-    _check(tmp_path, base, adapter, torch.float32)
+    merge_and_compare(tmp_path, base, adapter, torch.float32)
     ref_bias = load_base(base).state_dict()["model.layers.0.self_attn.q_proj.bias"]
     assert not torch.equal(read_dir(tmp_path / "out")["model.layers.0.self_attn.q_proj.bias"], ref_bias)
 
@@ -107,7 +87,7 @@ def test_gpt2_fp32_conv1d_fan_in_fan_out(tmp_path):
     adapter = build_adapter(
         model, tmp_path / "ad", r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"]
     )
-    report, _ = _check(tmp_path, base, adapter, torch.float32)
+    report, _, _ = merge_and_compare(tmp_path, base, adapter, torch.float32)
     assert report.tensors_merged == 2 * 4
 
 
@@ -115,7 +95,7 @@ def test_bert_encoder(tmp_path):
     model = build_model("bert", torch.float32)
     base = save_base(model, tmp_path / "base")
     adapter = build_adapter(model, tmp_path / "ad", r=4, lora_alpha=4, target_modules=["query", "value", "dense"])
-    report, _ = _check(tmp_path, base, adapter, torch.float32)
+    report, _, _ = merge_and_compare(tmp_path, base, adapter, torch.float32)
     assert report.tensors_merged >= 2 * 5
 
 
