@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -21,13 +23,15 @@ exit codes:
   0    success
   1    streammerge error: bad input, adapter/base mismatch, non-finite values, I/O failure
   2    usage error (bad arguments)
-  130  interrupted (Ctrl-C); nothing is left at OUT
+  130  interrupted (Ctrl-C, SIGTERM); nothing is left at OUT; continue with --resume
 
 examples:
   streammerge merge ./Llama-3-8B ./my-lora ./Llama-3-8B-merged
   streammerge merge ./base ./lora ./out --dtype bf16 --shard-size 2GB --json
   streammerge merge ./base ./lora-a:0.7 ./out --adapter ./lora-b:0.3
   streammerge merge ./base ./lora ./out --dry-run
+  streammerge merge ./base ./lora ./out --resume      # after a crash, Ctrl-C or a full disk
+  streammerge verify ./out --base ./base --adapter ./lora --sample 20
   streammerge inspect ./my-lora
 """
 
@@ -98,8 +102,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    m.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run (killed, Ctrl-C, disk full) with the same inputs and options, "
+        "keeping its complete shards",
+    )
+    m.add_argument(
+        "--verify",
+        action="store_true",
+        help="after writing, check the output (index, headers, checksums) and recompute --verify-sample tensors",
+    )
+    m.add_argument("--verify-sample", type=int, default=32, metavar="N", help="tensors recomputed by --verify (32)")
     m.add_argument("--allow-nonfinite", action="store_true", help="do not fail on NaN/Inf in adapter or output")
     _common(m)
+
+    v = sub.add_parser(
+        "verify",
+        help="check a merged output: complete, checksums intact, and (given the inputs) recomputed equal",
+        description="Check that OUT is complete (index <-> files <-> headers, sizes, the report's sha256 per "
+        "shard) and, given --base and --adapter, that recomputed tensors equal the written ones bit for bit.",
+    )
+    v.add_argument("out", metavar="OUT")
+    v.add_argument("--base", help="the base checkpoint the output was merged from")
+    v.add_argument("--adapter", action="append", default=[], metavar="PATH[:WEIGHT]", help="adapter(s) merged")
+    v.add_argument("--sample", type=int, metavar="N", help="recompute N tensors (default: all)")
+    _common(v)
 
     i = sub.add_parser("inspect", help="describe a checkpoint or adapter directory")
     i.add_argument("path", metavar="PATH")
@@ -226,6 +254,23 @@ def _print_inspect(info: dict, out) -> None:
             out.write(f"  {m['kind']:<9} {m['module']}  r={m['r']} alpha={m['alpha']:g} scaling={m['scaling']:.6g}\n")
 
 
+def _print_verify(vr, as_json: bool) -> None:
+    if as_json:
+        json.dump(vr.to_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    sys.stdout.write(
+        f"{vr.out}: {'OK' if vr.ok else 'FAILED'}: {vr.files} shard(s), {vr.tensors} tensors, "
+        f"{vr.checksums_checked} checksums, {vr.recomputed} tensors recomputed\n"
+    )
+    for p in vr.problems:
+        sys.stdout.write(f"  - {p}\n")
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -238,7 +283,20 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="streammerge: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
     log = logging.getLogger("streammerge")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)  # a polite kill stops like Ctrl-C: resumable, exit 130
     try:
+        if args.command == "verify":
+            from .verify import VerifyError, verify
+
+            if bool(args.base) != bool(args.adapter):
+                log.error("verify: --base and --adapter go together")
+                return EXIT_USAGE
+            vr = verify(args.out, args.base, args.adapter, args.sample)
+            _print_verify(vr, args.json)
+            if not vr.ok:
+                raise VerifyError(f"{args.out}: verification failed", details=vr.problems)
+            return EXIT_OK
         if args.command == "inspect":
             info = _inspect(args.path)
             if args.json:
@@ -262,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             dry_run=args.dry_run,
             overwrite=args.overwrite,
             allow_nonfinite=args.allow_nonfinite,
+            resume=args.resume,
             progress=progress,
             max_memory=args.max_memory,
             quant_type=args.quant_type,
@@ -270,6 +329,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         for w in report.warnings:
             log.warning(w)
+        if args.verify and not args.dry_run:
+            from .verify import VerifyError, verify
+
+            vr = verify(args.out, args.base, [args.adapter, *args.extra_adapters], args.verify_sample)
+            if not vr.ok:
+                raise VerifyError(f"{args.out}: verification failed", details=vr.problems)
+            log.info(
+                "verified: %d shard checksums, %d tensors recomputed bit for bit", vr.checksums_checked, vr.recomputed
+            )
         if args.json:
             json.dump(report.to_dict(), sys.stdout, indent=2)
             sys.stdout.write("\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import queue
 import re
@@ -34,6 +36,8 @@ from .plan import (
     build_plan,
 )
 from .sink import (
+    JOURNAL_NAME,
+    Journal,
     OutputLock,
     ShardWriter,
     check_output,
@@ -41,6 +45,7 @@ from .sink import (
     copy_file,
     discard_work_dir,
     prepare_work_dir,
+    work_dir_for,
     write_json,
 )
 from .source import DTYPE_ALIASES, DTYPES, Checkpoint, Reader, TensorRef, numel, open_checkpoint, split_adapter_spec
@@ -95,6 +100,7 @@ class MergeReport:
     bytes_read: int = 0
     free_disk_bytes: int | None = None
     merged_onto: str = ""
+    resumed_shards: int = 0
     work_buffer_bytes: int = 0
 
     def to_dict(self) -> dict:
@@ -448,6 +454,7 @@ def merge(
     save_method: str = "merged_16bit",
     dry_run: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     allow_nonfinite: bool = False,
     progress: bool = False,
     max_memory: int | str | float = DEFAULT_MAX_MEMORY,
@@ -458,7 +465,8 @@ def merge(
     """Merge LoRA ``adapter`` (and ``adapters``, each ``PATH[:WEIGHT]`` or ``(path, weight)``) into
     ``base`` and write the result to ``out``. Returns the :class:`MergeReport`.
 
-    ``save_method``: ``merged_16bit`` (dense merged checkpoint), ``merged_4bit`` (merged, then
+    ``resume`` continues an interrupted run with the same inputs and options, keeping its complete
+    shards. ``save_method``: ``merged_16bit`` (dense merged checkpoint), ``merged_4bit`` (merged, then
     re-quantized with bitsandbytes: ``quant_type``/``blocksize``/``double_quant`` override the input's
     settings or the defaults nf4/64/True), or ``lora`` (no merge: validate the adapter against the
     base and write a normalized adapter directory)."""
@@ -509,6 +517,7 @@ def merge(
                 "save_method": save_method,
                 "allow_nonfinite": allow_nonfinite,
                 "max_memory": opts.block_bytes,
+                "quant": asdict(opts.quant) if opts.quant else None,
             },
             dry_run=dry_run,
             device=str(dev),
@@ -542,11 +551,7 @@ def merge(
                 hint="free disk space or choose another output location",
             )
         with OutputLock(out):
-            _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, progress)
-        report.seconds["total"] = round(time.perf_counter() - t0, 3)
-        report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        report.bytes_read = reader.bytes_read
-        write_json(out / REPORT_NAME, report.to_dict())
+            _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume, t0)
         return report
     finally:
         reader.close()
@@ -653,8 +658,69 @@ class WriterThread:
         self._t.join()
 
 
-def _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, progress) -> None:
+def fingerprint(ckpt: Checkpoint, ads: list[Adapter], plan: MergePlan, options: dict) -> dict:
+    """What a run is: its inputs' identities (size, mtime, sha256 of each safetensors header), its options
+    and a digest of its plan. ``--resume`` continues a run only if all of these are unchanged."""
+    files = [Path(ckpt.path) / "config.json", *map(Path, ckpt.shard_files)]
+    index = Path(ckpt.path) / "model.safetensors.index.json"
+    if index.exists():
+        files.append(index)
+    for ad in ads:
+        files += [Path(ad.path) / "adapter_config.json", Path(ad.weights_file)]
+    ident = {}
+    for f in files:
+        st = f.stat()
+        head = ""
+        if f.suffix == ".safetensors":
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                head = hashlib.sha256(fh.read(n)).hexdigest()
+        ident[str(f.resolve())] = [st.st_size, st.st_mtime_ns, head]
+    layout = [[s.filename, [[o[0], o[1], list(o[2])] for j in s.jobs for o in j.outputs]] for s in plan.shards]
+    return {
+        "version": __version__,
+        "inputs": ident,
+        "options": {k: v for k, v in options.items() if k not in ("device", "max_memory")},
+        "adapters": [[a.path, a.weight] for a in ads],
+        "plan": hashlib.sha256(json.dumps(layout).encode()).hexdigest(),
+        "config": hashlib.sha256(json.dumps(plan.config, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def _open_run(out: Path, fp: dict, resume: bool) -> tuple[Path, Journal, dict[str, dict]]:
+    """The work directory and journal: a fresh one, or with ``resume`` the interrupted run's, whose
+    complete shards (re-hashed) are kept."""
+    work = work_dir_for(out)
+    if resume and work.is_dir():
+        old = Journal.load(work)
+        if old is None:
+            log.warning("%s: no readable journal; starting over", work)
+        elif old.fingerprint != fp:
+            changed = [k for k in fp if fp[k] != old.fingerprint.get(k)]
+            raise OutputError(
+                f"{work}: cannot resume: the {', '.join(changed)} changed since the interrupted run",
+                hint="run without --resume to start over (the partial output will be discarded)",
+            )
+        else:
+            done = old.valid_shards()
+            for stale in set(old.shards) - set(done):
+                log.warning("%s: recorded as complete but missing or changed; rewriting it", stale)
+            old.shards = dict(done)
+            log.info("resuming: %d of the planned shards are complete", len(done))
+            return prepare_work_dir(out, keep=True), old, done
+    elif resume:
+        log.info("--resume: no interrupted run for %s; starting from the beginning", out)
+    elif work.is_dir():
+        log.info("discarding the partial output of an earlier run (use --resume to continue it instead)")
     work = prepare_work_dir(out)
+    journal = Journal(work, fp)
+    journal.save()
+    return work, journal, {}
+
+
+def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume: bool, t0: float) -> None:
+    fp = fingerprint(ckpt, ads, plan, report.options)
+    work, journal, done = _open_run(out, fp, resume)
     ex = Executor(reader, opts, dev, report)
     t_compute = 0.0
     meta = {"format": "pt", "streammerge": __version__}
@@ -669,8 +735,17 @@ def _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, pr
     )
     wt = WriterThread(depth=WRITE_QUEUE)
     writers: list[ShardWriter] = []
+
+    def finish_shard(writer: ShardWriter, filename: str) -> None:
+        writer.close()
+        journal.record(filename, writer.path.stat().st_size, writer.sha256)
+
     try:
         for shard in plan.shards:
+            if shard.filename in done:
+                bar.update(shard.nbytes)
+                report.resumed_shards += 1
+                continue
             writer = ShardWriter(work / shard.filename, [o for j in shard.jobs for o in j.outputs], meta)
             writers.append(writer)
             for job in shard.jobs:
@@ -685,7 +760,7 @@ def _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, pr
                     wt.submit(writer.write, name, buf)
                     bar.update(buf.nbytes)
                 wt.submit(reader.release, job.source)
-            wt.submit(writer.close)
+            wt.submit(finish_shard, writer, shard.filename)
         wt.finish()
         if len(plan.shards) > 1:
             index = {
@@ -703,16 +778,26 @@ def _execute(plan, aux, ckpt, ads, out, overwrite, reader, opts, dev, report, pr
             "merge": round(st["merge"] - st["read"] - st["dequant"], 3),
             "write": round(wt.busy, 3),
             "compute": round(t_compute, 3),
+            "total": round(time.perf_counter() - t0, 3),
         }
+        for rec in report.shards:
+            rec["sha256"] = journal.shards[rec["file"]]["sha256"]
         report.work_buffer_bytes = ex.ws.nbytes
         report.peak_anon_bytes = ex.peak_anon
+        report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        report.bytes_read = reader.bytes_read
         write_json(work / REPORT_NAME, report.to_dict())
+        (work / JOURNAL_NAME).unlink()
         commit_work_dir(work, out)
-    except BaseException:
+    except BaseException as e:
         wt.abort()
         for w in writers:
             w.abort()
         bar.close()
-        discard_work_dir(work)
+        if isinstance(e, (KeyboardInterrupt, OutputError, OSError)):
+            # resumable: keep the work directory (hidden, never mistaken for a model) and its journal
+            log.error("partial output kept in %s; run the same command with --resume to continue", work)
+        else:
+            discard_work_dir(work)
         raise
     bar.close()

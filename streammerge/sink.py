@@ -7,6 +7,7 @@ order, one block at a time; the writer checks that exactly the announced bytes a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -42,6 +43,7 @@ class ShardWriter:
         self._i = 0
         self._left = self._specs[0][1] if self._specs else 0
         header = build_header(specs, metadata)
+        self._hash = hashlib.sha256(header)
         try:
             self._f = open(self.path, "wb")  # noqa: SIM115 - held open across write() calls
             self._f.write(header)
@@ -67,6 +69,7 @@ class ShardWriter:
             self._f.write(mv)
         except OSError as e:
             raise _io_error(self.path, e) from e
+        self._hash.update(mv)
         self._left -= mv.nbytes
         self.bytes_written += mv.nbytes
         if self._left == 0:
@@ -85,6 +88,11 @@ class ShardWriter:
             self._f.close()
         except OSError as e:
             raise _io_error(self.path, e) from e
+
+    @property
+    def sha256(self) -> str:
+        """Hex digest of every byte written (header included): ``sha256sum`` of the finished file."""
+        return self._hash.hexdigest()
 
     def abort(self) -> None:
         try:
@@ -192,10 +200,68 @@ class OutputLock:
             self._fd = None
 
 
-def prepare_work_dir(out: Path) -> Path:
+def file_sha256(path: Path, chunk: int = 64 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+JOURNAL_NAME = "journal.json"
+
+
+class Journal:
+    """The record of a run in progress, inside its work directory: what the run is (a fingerprint of
+    the inputs, options and plan) and which shards are complete, with their size and sha256. Each
+    update is written to a temporary file, fsynced and renamed, so the journal itself is never torn."""
+
+    def __init__(self, work: Path, fingerprint: dict):
+        self.path = work / JOURNAL_NAME
+        self.fingerprint = fingerprint
+        self.shards: dict[str, dict] = {}
+
+    @classmethod
+    def load(cls, work: Path) -> Journal | None:
+        p = work / JOURNAL_NAME
+        try:
+            obj = json.loads(p.read_text(encoding="utf-8"))
+            j = cls(work, obj["fingerprint"])
+            j.shards = {str(k): dict(v) for k, v in obj["shards"].items()}
+            return j
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        write_json(tmp, {"fingerprint": self.fingerprint, "shards": self.shards})
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    def record(self, filename: str, nbytes: int, sha256: str) -> None:
+        self.shards[filename] = {"bytes": nbytes, "sha256": sha256}
+        self.save()
+
+    def valid_shards(self) -> dict[str, dict]:
+        """The recorded shards whose files are still there, complete and unchanged (re-hashed)."""
+        ok = {}
+        for name, rec in self.shards.items():
+            p = self.path.parent / name
+            try:
+                if p.stat().st_size == rec["bytes"] and file_sha256(p) == rec["sha256"]:
+                    ok[name] = rec
+            except OSError:
+                pass
+        return ok
+
+
+def prepare_work_dir(out: Path, keep: bool = False) -> Path:
+    """The hidden work directory for ``out``: emptied, unless ``keep`` (resuming) and it exists."""
     work = work_dir_for(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        if work.exists() and keep:
+            return work
         if work.exists():
             shutil.rmtree(work)
         work.mkdir()

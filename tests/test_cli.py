@@ -89,17 +89,32 @@ def test_main_in_process_returns_codes(llama_pair, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_interrupt_exits_130_and_leaves_nothing(llama_pair, tmp_path, monkeypatch, capsys):
+def test_interrupt_exits_130_and_resumes(llama_pair, tmp_path, monkeypatch, capsys):
     import streammerge.run as run_mod
 
     base, ad = llama_pair
     real = run_mod.ShardWriter.write
+    calls = {"n": 0}
 
     def boom(self, name, data):
         real(self, name, data)
-        raise KeyboardInterrupt
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(run_mod.ShardWriter, "write", boom)
-    assert main(["merge", str(base), str(ad), str(tmp_path / "o"), "-q"]) == 130
-    assert not (tmp_path / "o").exists()
-    assert [p.name for p in tmp_path.iterdir()] == []
+    out = tmp_path / "o"
+    args = ["merge", str(base), str(ad), str(out), "-q", "--shard-size", "40KB"]
+    assert main(args) == 130
+    assert not out.exists()
+    assert (tmp_path / ".o.streammerge-partial" / "journal.json").exists()
+    assert "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(run_mod.ShardWriter, "write", real)
+    assert main([*args, "--resume", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["resumed_shards"] >= 1
+    fresh = tmp_path / "fresh"
+    assert main(["merge", str(base), str(ad), str(fresh), "-q", "--shard-size", "40KB"]) == 0
+    for f in sorted(fresh.glob("model*")):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "o"]

@@ -1,0 +1,139 @@
+"""Verification of a finished output: complete and consistent, and (given the inputs) equal to a
+recomputation, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import StreamMergeError
+from .plan import MergeOptions, QuantOut
+from .sink import file_sha256
+from .source import Checkpoint, Reader, open_checkpoint, split_adapter_spec
+
+
+class VerifyError(StreamMergeError):
+    """The output is incomplete, corrupt, or differs from what its inputs produce."""
+
+
+@dataclass
+class VerifyReport:
+    out: str
+    files: int = 0
+    tensors: int = 0
+    checksums_checked: int = 0
+    recomputed: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _structure(out: Path, rep: VerifyReport) -> tuple[Checkpoint | None, dict | None]:
+    try:
+        ckpt = open_checkpoint(out)  # index <-> files <-> headers, sizes and offsets
+    except StreamMergeError as e:
+        rep.problems.append(str(e).splitlines()[0])
+        return None, None
+    rep.files, rep.tensors = len(ckpt.shard_files), len(ckpt.tensors)
+    index = out / "model.safetensors.index.json"
+    if index.exists():
+        total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+        if total != ckpt.total_bytes:
+            rep.problems.append(f"{index}: total_size {total} but the shards hold {ckpt.total_bytes} bytes")
+    report_path = out / "streammerge_report.json"
+    if not report_path.exists():
+        rep.problems.append(f"{report_path}: missing (no checksums to compare)")
+        return ckpt, None
+    try:
+        report = json.loads(report_path.read_text())
+        shards = {s["file"]: s for s in report["shards"]}
+    except (ValueError, KeyError, TypeError) as e:
+        rep.problems.append(f"{report_path}: unreadable ({e})")
+        return ckpt, None
+    on_disk = {Path(f).name for f in ckpt.shard_files}
+    for missing in sorted(set(shards) - on_disk):
+        rep.problems.append(f"{out / missing}: listed in the report but missing")
+    for extra in sorted(on_disk - set(shards)):
+        rep.problems.append(f"{out / extra}: not listed in the report")
+    for name in sorted(on_disk & set(shards)):
+        want = shards[name].get("sha256")
+        if want is None:
+            continue
+        rep.checksums_checked += 1
+        if file_sha256(out / name) != want:
+            rep.problems.append(f"{out / name}: sha256 differs from the report (corrupted or modified)")
+    return ckpt, report
+
+
+def verify(
+    out: str | Path,
+    base: str | Path | None = None,
+    adapters: list | tuple = (),
+    sample: int | None = None,
+    device: str = "cpu",
+) -> VerifyReport:
+    """Check ``out``: index, shard headers and files agree; shard checksums match the report; and, with
+    ``base`` and ``adapters``, ``sample`` tensors (all when None) recomputed equal the written ones."""
+    from .run import Executor, MergeReport, plan_merge, resolve_device
+
+    out = Path(out)
+    rep = VerifyReport(str(out))
+    ckpt, report = _structure(out, rep)
+    if ckpt is None or base is None or not adapters:
+        return rep
+    if report is None:
+        rep.problems.append("cannot recompute without streammerge_report.json (it holds the merge options)")
+        return rep
+    o = report.get("options", {})
+    q = o.get("quant")
+    opts = MergeOptions(
+        dtype=o.get("dtype", "auto"),
+        shard_size=int(o.get("shard_size", 5_000_000_000)),
+        save_method=o.get("save_method", "merged_16bit"),
+        allow_nonfinite=True,
+        quant=QuantOut(**q) if q else None,
+    )
+    specs = [(str(a[0]), float(a[1])) if isinstance(a, tuple) else split_adapter_spec(str(a)) for a in adapters]
+    reader = Reader()
+    try:
+        _, _, plan = plan_merge(base, specs, opts, reader)
+        layout = {o[0]: (s.filename, o[1], tuple(o[2])) for s in plan.shards for j in s.jobs for o in j.outputs}
+        written = {n: (Path(t.file).name, t.dtype, t.shape) for n, t in ckpt.tensors.items()}
+        if layout != written:
+            diff = sorted(set(layout.items()) ^ set(written.items()))[:10]
+            rep.problems.append(f"the output's tensors differ from what these inputs plan: {diff}")
+            return rep
+        jobs = plan.jobs
+        if sample is not None and sample < len(jobs):
+            merged = [j for j in jobs if j.updates]
+            rest = [j for j in jobs if not j.updates]
+            rng = random.Random(0)
+            k = min(len(merged), max(sample - sample // 4, 1))
+            jobs = rng.sample(merged, k) + rng.sample(rest, min(len(rest), sample - k))
+        dummy = MergeReport("", "", [], "", {}, False, "", [], 0, [], 0, 0, 0)
+        ex = Executor(reader, opts, resolve_device(device), dummy)
+        for job in jobs:
+            pos: dict[str, int] = {}
+            bad = False
+            for name, buf in ex.blocks(job):
+                ref = ckpt.tensors[name]
+                start = pos.get(name, 0)
+                got = reader.raw(ref, start, buf.nbytes)
+                if bytes(got) != bytes(buf):
+                    bad = True
+                pos[name] = start + buf.nbytes
+            rep.recomputed += 1
+            if bad:
+                rep.problems.append(f"{job.name}: differs from its recomputation from the inputs")
+    except StreamMergeError as e:
+        rep.problems.append(f"cannot recompute: {str(e).splitlines()[0]}")
+    finally:
+        reader.close()
+    return rep

@@ -1,0 +1,193 @@
+"""Failure and recovery: killed runs resume to byte-identical output, a full disk is resumable,
+changed inputs refuse to resume, and verify catches corruption."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import streammerge
+import streammerge.run as run_mod
+from streammerge.errors import OutputError
+from streammerge.synthetic import write_synthetic_llama
+from streammerge.verify import verify
+
+
+def _model_files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name.startswith("model")}
+
+
+@pytest.fixture(scope="module")
+def mid_pair(tmp_path_factory):
+    """About 110 MB in 6 input shards: long enough to kill mid-run."""
+    root = tmp_path_factory.mktemp("mid")
+    base, ad = write_synthetic_llama(
+        root, hidden=512, inter=1536, layers=12, vocab=16000, kv_heads=4, heads=8, shards=6
+    )
+    ref = root / "ref"
+    streammerge.merge(base, ad, ref, shard_size="12MB")
+    return base, ad, ref
+
+
+def test_sigkill_at_random_points_then_resume_is_byte_identical(mid_pair, tmp_path):
+    base, ad, ref = mid_pair
+    want = _model_files(ref)
+    rng = random.Random(1234)
+    cmd = [sys.executable, "-m", "streammerge", "merge", str(base), str(ad), "--shard-size", "12MB", "-q"]
+    kills = 0
+    for i in range(4):
+        out = tmp_path / f"o{i}"
+        work = tmp_path / f".o{i}.streammerge-partial"
+        proc = subprocess.Popen([*cmd[:-3], str(out), *cmd[-3:]])
+        # wait until the run is writing, then kill it at a random moment
+        deadline = time.time() + 60
+        while not (work / "journal.json").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.6))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if not out.exists():
+            assert work.exists()
+            r = subprocess.run([*cmd[:-3], str(out), *cmd[-3:], "--resume"], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+        assert _model_files(out) == want
+        assert not work.exists()
+    assert kills >= 2
+
+
+def test_disk_full_is_clean_and_resumable(mid_pair, tmp_path, monkeypatch):
+    base, ad, ref = mid_pair
+    real = run_mod.ShardWriter.write
+    written = {"n": 0}
+
+    def enospc(self, name, data):
+        written["n"] += memoryview(data).nbytes
+        if written["n"] > 60_000_000:
+            raise OutputError(f"{self.path}: write failed: {os.strerror(errno.ENOSPC)}", hint="free some disk space")
+        real(self, name, data)
+
+    monkeypatch.setattr(run_mod.ShardWriter, "write", enospc)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="No space left"):
+        streammerge.merge(base, ad, out, shard_size="12MB")
+    assert not out.exists()
+    assert (tmp_path / ".out.streammerge-partial" / "journal.json").exists()
+    monkeypatch.setattr(run_mod.ShardWriter, "write", real)
+    rep = streammerge.merge(base, ad, out, shard_size="12MB", resume=True)
+    assert rep.resumed_shards >= 3
+    assert _model_files(out) == _model_files(ref)
+
+
+def test_real_oserror_enospc_is_an_output_error(tmp_path, llama_pair, monkeypatch):
+    """The writer turns ENOSPC from the OS into an OutputError that says to free space."""
+    from streammerge.sink import ShardWriter
+
+    w = ShardWriter(tmp_path / "x.safetensors", [("a", "U8", (4,))])
+
+    class Full:
+        def write(self, _):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    w._f = Full()
+    with pytest.raises(OutputError, match="free some disk space"):
+        w.write("a", b"1234")
+
+
+def test_resume_refuses_changed_inputs_or_options(mid_pair, tmp_path, monkeypatch):
+    base, ad, _ = mid_pair
+    real = run_mod.ShardWriter.write
+    n = {"c": 0}
+
+    def stop(self, name, data):
+        n["c"] += 1
+        if n["c"] == 30:
+            raise KeyboardInterrupt
+        real(self, name, data)
+
+    monkeypatch.setattr(run_mod.ShardWriter, "write", stop)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        streammerge.merge(base, ad, out, shard_size="12MB")
+    monkeypatch.setattr(run_mod.ShardWriter, "write", real)
+    with pytest.raises(OutputError, match="cannot resume: the options"):
+        streammerge.merge(base, ad, out, shard_size="12MB", dtype="fp32", resume=True)
+    cfg = ad / "adapter_config.json"
+    saved = cfg.read_text()
+    try:
+        c = json.loads(saved)
+        cfg.write_text(json.dumps({**c, "lora_alpha": c["lora_alpha"] * 2}))
+        with pytest.raises(OutputError, match="cannot resume: the inputs"):
+            streammerge.merge(base, ad, out, shard_size="12MB", resume=True)
+    finally:
+        cfg.write_text(saved)
+        os.utime(cfg)
+    # without --resume the partial output is discarded and the run starts over
+    streammerge.merge(base, ad, out, shard_size="12MB")
+    assert out.exists()
+
+
+def test_verify_passes_then_catches_flipped_byte_and_missing_shard(mid_pair, tmp_path):
+    import shutil
+
+    base, ad, ref = mid_pair
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    ok = verify(out, base, [ad], sample=8)
+    assert ok.ok, ok.problems
+    assert ok.checksums_checked >= 5 and ok.recomputed == 8
+    assert verify(out, base, [ad]).recomputed == ok.tensors  # all
+    shard = sorted(out.glob("model-*.safetensors"))[2]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x01  # inside the last tensor of that shard
+    shard.write_bytes(bytes(data))
+    bad = verify(out, base, [ad])
+    assert any("sha256 differs" in p for p in bad.problems)
+    assert any("differs from its recomputation" in p for p in bad.problems)
+    # structure-only checks (no inputs) still catch it through the checksum
+    assert any("sha256" in p for p in verify(out).problems)
+    missing = sorted(out.glob("model-*.safetensors"))[0]
+    missing.unlink()
+    gone = verify(out)
+    assert not gone.ok and any(missing.name in p for p in gone.problems)
+
+
+def test_verify_cli_and_merge_verify(mid_pair, tmp_path):
+    base, ad, _ref = mid_pair
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streammerge",
+            "merge",
+            str(base),
+            str(ad),
+            str(out),
+            "--verify",
+            "--verify-sample",
+            "5",
+            "--shard-size",
+            "12MB",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "verified" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "streammerge", "verify", str(out), "--json"], capture_output=True, text=True
+    )
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"]
+    (out / "model.safetensors.index.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "streammerge", "verify", str(out)], capture_output=True, text=True)
+    assert r.returncode == 1 and "FAILED" in r.stdout
