@@ -125,7 +125,43 @@ def _check_config(cfg: dict, path: Path) -> None:
         v = cfg.get(key, False)
         if v is not None and not isinstance(v, bool):
             fail(f"{key!r} must be true or false, found {v!r}")
+
+    def str_or_list(key: str) -> None:
+        v = cfg.get(key)
+        if (
+            v is not None
+            and not isinstance(v, str)
+            and not (isinstance(v, list) and all(isinstance(x, str) for x in v))
+        ):
+            fail(f"{key!r} must be a module name pattern or a list of module names, found {v!r}")
+        if isinstance(v, str):
+            try:
+                re.compile(v)
+            except re.error as e:
+                fail(f"{key!r} is not a valid regular expression ({e})")
+
+    str_or_list("target_modules")
+    str_or_list("exclude_modules")
+    mts = cfg.get("modules_to_save")
+    if mts is not None and not (isinstance(mts, list) and all(isinstance(x, str) for x in mts)):
+        fail(f"'modules_to_save' must be a list of module names, found {mts!r}")
+    ltt = cfg.get("layers_to_transform")
+    if ltt is not None and not (
+        (isinstance(ltt, int) and not isinstance(ltt, bool))
+        or (isinstance(ltt, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in ltt))
+    ):
+        fail(f"'layers_to_transform' must be a layer index or a list of them, found {ltt!r}")
+    tti = cfg.get("trainable_token_indices")
+    if tti is not None and not isinstance(tti, (list, dict)):
+        fail(f"'trainable_token_indices' must be a list of token ids or a dict of them, found {tti!r}")
+    if isinstance(tti, dict) and not all(isinstance(v, list) for v in tti.values()):
+        fail(f"'trainable_token_indices' values must be lists of token ids, found {tti!r}")
+    ewt = cfg.get("ensure_weight_tying", False)
+    if ewt is not None and not isinstance(ewt, bool):
+        fail(f"'ensure_weight_tying' must be true or false, found {ewt!r}")
     init = cfg.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str)):
+        fail(f"'init_lora_weights' must be true, false or a method name, found {init!r}")
     if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
         fail(
             f"init_lora_weights={init!r}: PEFT rewrites the base weights when this adapter loads, "

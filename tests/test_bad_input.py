@@ -230,3 +230,48 @@ def test_concurrent_run_on_same_output_is_refused(llama_pair, tmp_path):
     assert not out.exists()
     streammerge.merge(base, ad, out)  # the lock is gone once its holder is done
     assert (out / "config.json").exists() and not (tmp_path / ".out.streammerge.lock").exists()
+
+
+def test_hugging_face_cache_symlinks_are_followed(llama_pair, tmp_path):
+    """A snapshot directory whose files are symlinks into a blobs directory, as the HF cache lays out."""
+    import hashlib
+    import os
+
+    base, ad = llama_pair
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for f in base.iterdir():
+        blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        os.symlink(os.path.relpath(blob, snap), snap / f.name)
+    streammerge.merge(snap, ad, tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_index_pointing_outside_is_refused(pair_copy, tmp_path):
+    base, ad = pair_copy
+    p = base / "model.safetensors.index.json"
+    idx = json.loads(p.read_text())
+    k = next(iter(idx["weight_map"]))
+    idx["weight_map"][k] = "../elsewhere.safetensors"
+    p.write_text(json.dumps(idx))
+    _merge_fails(base, ad, tmp_path / "out", InputError, "points outside the checkpoint directory")
+
+
+def test_inputs_are_never_modified(llama_pair, tmp_path):
+    import hashlib
+
+    base, ad = llama_pair
+
+    def snapshot():
+        return {
+            p: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for d in (base, ad)
+            for p in sorted(d.iterdir())
+        }
+
+    before = snapshot()
+    streammerge.merge(base, ad, tmp_path / "out", max_memory=1)
+    streammerge.merge(base, ad, tmp_path / "out2", dtype="fp32")
+    assert snapshot() == before

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import struct
 
+import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import streammerge
 from streammerge.errors import InputError
 from streammerge.source import parse_header
 
@@ -67,3 +70,68 @@ def test_report_case_count():
     """Runs last in this file: how many malformed inputs the parser survived (printed with -s)."""
     print(f"fuzzed safetensors headers: {CASES['n']} cases")
     assert CASES["n"] >= 1000
+
+
+# --- adapter_config.json ----------------------------------------------------------------------------
+
+CONFIG_CASES = {"n": 0}
+_any = st.none() | st.booleans() | st.integers(-5, 2**40) | st.floats(allow_nan=True) | st.text(max_size=12)
+_values = _any | st.lists(_any, max_size=3) | st.dictionaries(st.text(max_size=8), _any, max_size=3)
+FIELDS = [
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "fan_in_fan_out",
+    "use_dora",
+    "lora_bias",
+    "target_modules",
+    "modules_to_save",
+    "trainable_token_indices",
+    "layers_to_transform",
+    "exclude_modules",
+    "init_lora_weights",
+    "bias",
+    "peft_type",
+    "ensure_weight_tying",
+    "layer_replication",
+]
+
+
+@pytest.fixture(scope="module")
+def fuzz_pair(tmp_path_factory):
+    from helpers import build_adapter, build_model, save_base
+
+    root = tmp_path_factory.mktemp("fz")
+    model = build_model("llama", torch.float32)
+    base = save_base(model, root / "base")
+    ad = build_adapter(model, root / "ad", r=4, lora_alpha=8, target_modules=["q_proj"])
+    return base, ad
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(FIELDS), _values, min_size=1, max_size=4))
+def test_adapter_config_wrong_types_and_values(fuzz_pair, tmp_path_factory, changes):
+    """Any mix of wrong types/values in adapter_config.json is a clear StreamMergeError or a valid plan,
+    never an unhandled exception."""
+    import shutil
+
+    from streammerge.errors import StreamMergeError
+
+    base, ad = fuzz_pair
+    d = tmp_path_factory.mktemp("cfg")
+    shutil.copy(ad / "adapter_model.safetensors", d)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    CONFIG_CASES["n"] += 1
+    try:
+        streammerge.merge(base, d, d / "out", dry_run=True)
+    except StreamMergeError as e:
+        assert str(d) in str(e) or "adapter" in str(e).lower() or "lora" in str(e).lower(), str(e)
+
+
+def test_report_config_case_count():
+    print(f"fuzzed adapter configs: {CONFIG_CASES['n']} cases")
+    assert CONFIG_CASES["n"] >= 300
