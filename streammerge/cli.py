@@ -32,6 +32,7 @@ examples:
   streammerge merge ./base ./lora ./out --dry-run
   streammerge merge ./base ./lora ./out --resume      # after a crash, Ctrl-C or a full disk
   streammerge verify ./out --base ./base --adapter ./lora --sample 20
+  streammerge batch ./base ./merged 'runs/*/checkpoint-*'   # one pass over the base for all of them
   streammerge inspect ./my-lora
 """
 
@@ -116,6 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--verify-sample", type=int, default=32, metavar="N", help="tensors recomputed by --verify (32)")
     m.add_argument("--allow-nonfinite", action="store_true", help="do not fail on NaN/Inf in adapter or output")
     _common(m)
+
+    b = sub.add_parser(
+        "batch",
+        help="merge many adapters onto one base in a single pass over the base",
+        description="Merge each ADAPTER (globs such as 'runs/*/checkpoint-*' are expanded) onto BASE into its "
+        "own directory under OUT_ROOT, reading each base tensor once for all of them. Or describe the jobs, "
+        "with per-job options, in a TOML manifest. A failing job is reported and does not stop the others.",
+        epilog="examples:\n  streammerge batch ./base ./merged 'runs/*/checkpoint-*'\n"
+        "  streammerge batch --manifest jobs.toml --resume --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("args", nargs="*", metavar="BASE OUT_ROOT ADAPTER", help="base, output root, adapters")
+    b.add_argument("--manifest", type=Path, help="jobs.toml: base, out_root, [defaults], [[job]] tables")
+    b.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="output float dtype for every job")
+    b.add_argument("--shard-size", type=_size_arg, help="max tensor bytes per output shard (5GB)")
+    b.add_argument("--save-method", choices=["merged_16bit", "merged_4bit", "lora"], help="for every job")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--max-memory", default="128MiB", metavar="SIZE|FRACTION", help="work memory budget")
+    b.add_argument("--resume", action="store_true", help="skip jobs whose output is already complete")
+    b.add_argument("--overwrite", action="store_true", help="replace non-empty job outputs")
+    _common(b)
 
     v = sub.add_parser(
         "verify",
@@ -267,6 +289,34 @@ def _print_verify(vr, as_json: bool) -> None:
         sys.stdout.write(f"  - {p}\n")
 
 
+def _batch(args, log) -> int:
+    from .batch import batch, jobs_from_args, read_manifest, results_json, summary_table
+
+    over = {k: getattr(args, k) for k in ("dtype", "shard_size", "save_method") if getattr(args, k) is not None}
+    if args.manifest:
+        if args.args:
+            log.error("batch: give either --manifest or BASE OUT_ROOT ADAPTER..., not both")
+            return EXIT_USAGE
+        base, _, jobs = read_manifest(args.manifest)
+        for j in jobs:
+            j.options.update(over)
+    else:
+        if len(args.args) < 3:
+            log.error("batch: needs BASE OUT_ROOT ADAPTER... (or --manifest jobs.toml)")
+            return EXIT_USAGE
+        base, root, *adapters = args.args
+        jobs = jobs_from_args(Path(root), adapters, over)
+    results = batch(
+        base, jobs, resume=args.resume, overwrite=args.overwrite, device=args.device, max_memory=args.max_memory
+    )
+    if args.json:
+        json.dump(results_json(results), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        sys.stdout.write(summary_table(results) + "\n")
+    return EXIT_ERROR if any(r.status == "failed" for r in results) else EXIT_OK
+
+
 def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
@@ -286,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)  # a polite kill stops like Ctrl-C: resumable, exit 130
     try:
+        if args.command == "batch":
+            return _batch(args, log)
         if args.command == "verify":
             from .verify import VerifyError, verify
 

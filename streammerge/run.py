@@ -184,15 +184,21 @@ def _anon_bytes() -> int:
 class Executor:
     """Computes the bytes of each output tensor, block by block."""
 
-    def __init__(self, reader: Reader, opts: MergeOptions, device: torch.device, report: MergeReport):
+    def __init__(
+        self,
+        reader: Reader,
+        opts: MergeOptions,
+        device: torch.device,
+        report: MergeReport,
+        ws: Workspace | None = None,
+    ):
         self.reader = reader
         self.opts = opts
         self.device = device
         self.report = report
         self.peak_anon = 0
-        self.ws = Workspace()
+        self.ws = ws or Workspace()  # shared by the jobs of a batch: one set of buffers, not one per job
         self._zero_warned: set[str] = set()
-        self._slot = 0
         self.stage = {"read": 0.0, "dequant": 0.0, "merge": 0.0}
 
     def _adapter_tensor(self, ref: TensorRef, role: str) -> torch.Tensor:
@@ -348,8 +354,8 @@ class Executor:
         blk = rows_of(r0, r1).reshape(shape)
         if blk.dtype != out_dtype and out_dtype != torch.float32:
             blk = blk.to(out_dtype)  # the base as loaded in the output dtype, as PEFT would see it
-        self._slot = (self._slot + 1) % (WRITE_QUEUE + 2)  # buffers still queued for writing are not reused
-        w = self.ws.take(f"w{self._slot}", shape, torch.float32, blk.device)
+        slot = self.ws.next_slot()
+        w = self.ws.take(f"w{slot}", shape, torch.float32, blk.device)
         w.copy_(blk)
         self.stage["dequant" if not isinstance(job.source, TensorRef) else "read"] += time.perf_counter() - t
         for u, a, b, extra in prepared:
@@ -371,7 +377,7 @@ class Executor:
         if out_dtype == torch.float32:
             out = w
         else:
-            out = self.ws.take(f"o{self._slot}", shape, out_dtype, w.device)
+            out = self.ws.take(f"o{slot}", shape, out_dtype, w.device)
             out.copy_(w)
         if not self.opts.allow_nonfinite and not _finite_in(w, out_dtype):
             raise NonFiniteError(
@@ -396,6 +402,12 @@ class Workspace:
 
     def __init__(self) -> None:
         self._bufs: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        self._slot = 0
+
+    def next_slot(self) -> int:
+        """Rotate output buffers: the blocks still queued for the writer keep theirs."""
+        self._slot = (self._slot + 1) % (WRITE_QUEUE + 2)
+        return self._slot
 
     def take(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         n = numel(shape)
@@ -442,6 +454,78 @@ def plan_merge(
     return ckpt, ads, build_plan(ckpt, ads, opts, lambda ref: bytes(reader.raw(ref)))
 
 
+def make_options(
+    dtype: str = "auto",
+    shard_size: str | int = "5GB",
+    device: str = "auto",
+    save_method: str = "merged_16bit",
+    allow_nonfinite: bool = False,
+    max_memory: int | str | float = "128MiB",
+    quant_type: str | None = None,
+    blocksize: int | None = None,
+    double_quant: bool | None = None,
+) -> MergeOptions:
+    """Validated :class:`MergeOptions` from user-facing values."""
+    if save_method not in SAVE_METHODS:
+        raise InputError(f"unknown save method {save_method!r}", hint=f"use one of {', '.join(SAVE_METHODS)}")
+    qout = None
+    if quant_type is not None or blocksize is not None or double_quant is not None:
+        if save_method != "merged_4bit":
+            raise InputError("--quant-type/--blocksize/--double-quant only apply to --save-method merged_4bit")
+        if quant_type not in (None, "nf4", "fp4"):
+            raise InputError(f"unknown quant type {quant_type!r}", hint="use nf4 or fp4")
+        if blocksize not in (None, 32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise InputError(f"invalid blocksize {blocksize}", hint="use a power of two from 32 to 4096")
+        qout = QuantOut(quant_type or "nf4", blocksize or 64, True if double_quant is None else double_quant)
+    opts = MergeOptions(
+        dtype=resolve_dtype(dtype),
+        shard_size=parse_size(shard_size),
+        device=device,
+        save_method=save_method,
+        allow_nonfinite=allow_nonfinite,
+        block_bytes=parse_memory(max_memory),
+        quant=qout,
+    )
+    return opts
+
+
+def new_report(base: Path, ads: list[Adapter], out: Path, opts: MergeOptions, plan: MergePlan, dev, dry_run=False):
+    """The report of a planned merge (filled in as the run goes)."""
+    free = psutil.disk_usage(str(_existing_parent(out))).free
+    report = MergeReport(
+        version=__version__,
+        base=str(base),
+        adapters=[{"path": a.path, "weight": a.weight, "weights_file": a.weights_file} for a in ads],
+        out=str(out),
+        options={
+            "dtype": opts.dtype,
+            "shard_size": opts.shard_size,
+            "device": opts.device,
+            "save_method": opts.save_method,
+            "allow_nonfinite": opts.allow_nonfinite,
+            "max_memory": opts.block_bytes,
+            "quant": asdict(opts.quant) if opts.quant else None,
+        },
+        dry_run=dry_run,
+        device=str(dev),
+        shards=[{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.jobs)} for s in plan.shards],
+        total_size=plan.total_size,
+        modules=[asdict(m) for m in plan.modules],
+        tensors_total=len(plan.jobs),
+        tensors_merged=sum(1 for j in plan.jobs if j.updates),
+        tensors_copied=sum(1 for j in plan.jobs if j.is_copy),
+        notes=list(plan.notes),
+        free_disk_bytes=free,
+        merged_onto=plan.merged_onto,
+    )
+    if opts.save_method == "merged_4bit":
+        report.warnings.append(
+            "merged_4bit re-quantizes the merged weights: the result is less precise than merged_16bit "
+            "(each weight moves to the nearest 4-bit code after the merge)"
+        )
+    return report
+
+
 def merge(
     base: str | Path,
     adapter: str | Path | list,
@@ -474,27 +558,10 @@ def merge(
     specs: list[tuple[str, float]] = []
     for item in ([adapter] if not isinstance(adapter, list) else adapter) + list(adapters):
         specs.append((str(item[0]), float(item[1])) if isinstance(item, tuple) else split_adapter_spec(str(item)))
-    if save_method not in SAVE_METHODS:
-        raise InputError(f"unknown save method {save_method!r}", hint=f"use one of {', '.join(SAVE_METHODS)}")
     if save_method == "lora" and (len(specs) != 1 or specs[0][1] != 1.0):
         raise InputError("--save-method lora takes exactly one adapter, without a weight")
-    qout = None
-    if quant_type is not None or blocksize is not None or double_quant is not None:
-        if save_method != "merged_4bit":
-            raise InputError("--quant-type/--blocksize/--double-quant only apply to --save-method merged_4bit")
-        if quant_type not in (None, "nf4", "fp4"):
-            raise InputError(f"unknown quant type {quant_type!r}", hint="use nf4 or fp4")
-        if blocksize not in (None, 32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise InputError(f"invalid blocksize {blocksize}", hint="use a power of two from 32 to 4096")
-        qout = QuantOut(quant_type or "nf4", blocksize or 64, True if double_quant is None else double_quant)
-    opts = MergeOptions(
-        dtype=resolve_dtype(dtype),
-        shard_size=parse_size(shard_size),
-        device=device,
-        save_method=save_method,
-        allow_nonfinite=allow_nonfinite,
-        block_bytes=parse_memory(max_memory),
-        quant=qout,
+    opts = make_options(
+        dtype, shard_size, device, save_method, allow_nonfinite, max_memory, quant_type, blocksize, double_quant
     )
     dev = resolve_device(device)
     out = Path(out)
@@ -504,38 +571,8 @@ def merge(
         ckpt, ads, plan = plan_merge(base, specs, opts, reader)
         check_output(out, [base] + [Path(a.path) for a in ads], overwrite)
         aux = _aux_files(base, ads)
-        free = psutil.disk_usage(str(_existing_parent(out))).free
-        report = MergeReport(
-            version=__version__,
-            base=str(base),
-            adapters=[{"path": a.path, "weight": a.weight, "weights_file": a.weights_file} for a in ads],
-            out=str(out),
-            options={
-                "dtype": opts.dtype,
-                "shard_size": opts.shard_size,
-                "device": device,
-                "save_method": save_method,
-                "allow_nonfinite": allow_nonfinite,
-                "max_memory": opts.block_bytes,
-                "quant": asdict(opts.quant) if opts.quant else None,
-            },
-            dry_run=dry_run,
-            device=str(dev),
-            shards=[{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.jobs)} for s in plan.shards],
-            total_size=plan.total_size,
-            modules=[asdict(m) for m in plan.modules],
-            tensors_total=len(plan.jobs),
-            tensors_merged=sum(1 for j in plan.jobs if j.updates),
-            tensors_copied=sum(1 for j in plan.jobs if j.is_copy),
-            notes=list(plan.notes),
-            free_disk_bytes=free,
-            merged_onto=plan.merged_onto,
-        )
-        if save_method == "merged_4bit":
-            report.warnings.append(
-                "merged_4bit re-quantizes the merged weights: the result is less precise than merged_16bit "
-                "(each weight moves to the nearest 4-bit code after the merge)"
-            )
+        report = new_report(base, ads, out, opts, plan, dev, dry_run)
+        free = report.free_disk_bytes
         if dry_run:
             report.seconds = {"total": round(time.perf_counter() - t0, 3)}
             return report
@@ -718,6 +755,37 @@ def _open_run(out: Path, fp: dict, resume: bool) -> tuple[Path, Journal, dict[st
     return work, journal, {}
 
 
+def finish_output(work, out, plan, aux, report, journal, ex, stage, t0, reader) -> None:
+    """Index, config, side files and report into the work directory, then publish it as ``out``."""
+    if len(plan.shards) > 1:
+        index = {
+            "metadata": {"total_size": plan.total_size, "streammerge": __version__},
+            "weight_map": {o[0]: s.filename for s in plan.shards for j in s.jobs for o in j.outputs},
+        }
+        write_json(work / "model.safetensors.index.json", index)
+    write_json(work / "config.json", plan.config)
+    for name, src in aux.items():
+        copy_file(src, work / name)
+    st = stage
+    report.seconds = {
+        "read": round(st["read"], 3),
+        "dequant": round(st["dequant"], 3),
+        "merge": round(st["merge"] - st["read"] - st["dequant"], 3),
+        "write": round(st["write"], 3),
+        "compute": round(st["compute"], 3),
+        "total": round(time.perf_counter() - t0, 3),
+    }
+    for rec in report.shards:
+        rec["sha256"] = journal.shards[rec["file"]]["sha256"]
+    report.work_buffer_bytes = ex.ws.nbytes
+    report.peak_anon_bytes = ex.peak_anon
+    report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report.bytes_read = reader.bytes_read
+    write_json(work / REPORT_NAME, report.to_dict())
+    (work / JOURNAL_NAME).unlink()
+    commit_work_dir(work, out)
+
+
 def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume: bool, t0: float) -> None:
     fp = fingerprint(ckpt, ads, plan, report.options)
     work, journal, done = _open_run(out, fp, resume)
@@ -762,33 +830,8 @@ def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, res
                 wt.submit(reader.release, job.source)
             wt.submit(finish_shard, writer, shard.filename)
         wt.finish()
-        if len(plan.shards) > 1:
-            index = {
-                "metadata": {"total_size": plan.total_size, "streammerge": __version__},
-                "weight_map": {o[0]: s.filename for s in plan.shards for j in s.jobs for o in j.outputs},
-            }
-            write_json(work / "model.safetensors.index.json", index)
-        write_json(work / "config.json", plan.config)
-        for name, src in aux.items():
-            copy_file(src, work / name)
-        st = ex.stage
-        report.seconds = {
-            "read": round(st["read"], 3),
-            "dequant": round(st["dequant"], 3),
-            "merge": round(st["merge"] - st["read"] - st["dequant"], 3),
-            "write": round(wt.busy, 3),
-            "compute": round(t_compute, 3),
-            "total": round(time.perf_counter() - t0, 3),
-        }
-        for rec in report.shards:
-            rec["sha256"] = journal.shards[rec["file"]]["sha256"]
-        report.work_buffer_bytes = ex.ws.nbytes
-        report.peak_anon_bytes = ex.peak_anon
-        report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        report.bytes_read = reader.bytes_read
-        write_json(work / REPORT_NAME, report.to_dict())
-        (work / JOURNAL_NAME).unlink()
-        commit_work_dir(work, out)
+        stage = {**ex.stage, "write": wt.busy, "compute": t_compute}
+        finish_output(work, out, plan, aux, report, journal, ex, stage, t0, reader)
     except BaseException as e:
         wt.abort()
         for w in writers:
