@@ -176,6 +176,58 @@ def projection_70b(r: Result) -> str:
     )
 
 
+def evict(base: Path) -> None:
+    """Drop the base from the page cache (as if it were far larger than RAM)."""
+    for p in base.glob("*.safetensors"):
+        fd = os.open(p, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def bench_batch(size: str, n: int, out_dir: Path) -> str:
+    """``streammerge batch`` of n adapters vs n separate ``streammerge merge`` runs, with the base
+    evicted from the page cache before each run (cold) and with it cached (warm)."""
+    from safetensors.torch import load_file, save_file
+
+    base, ad = build(size)
+    sd = load_file(ad / "adapter_model.safetensors")
+    ads = []
+    for k in range(n):
+        d = CACHE / size / f"adapter-{k}"
+        if not d.exists():
+            d.mkdir()
+            shutil.copy(ad / "adapter_config.json", d)
+            save_file({name: t * (1 + 0.1 * k) for name, t in sd.items()}, d / "adapter_model.safetensors")
+        ads.append(str(d))
+    sm = [sys.executable, "-m", "streammerge"]
+    rows = []
+    for cache in ("cold", "warm"):
+        shutil.rmtree(out_dir, ignore_errors=True)
+        warm(base)
+        if cache == "cold":
+            evict(base)
+        t = time.perf_counter()
+        subprocess.run([*sm, "batch", str(base), str(out_dir / "batch"), *ads, "-q"], check=True)
+        one = time.perf_counter() - t
+        shutil.rmtree(out_dir, ignore_errors=True)
+        t = time.perf_counter()
+        for k, a in enumerate(ads):
+            if cache == "cold":
+                evict(base)
+            subprocess.run([*sm, "merge", str(base), a, str(out_dir / f"sep{k}"), "-q", "--no-progress"], check=True)
+        sep = time.perf_counter() - t
+        shutil.rmtree(out_dir, ignore_errors=True)
+        rows.append(f"| {cache} | {one:.2f} | {sep:.2f} | {sep / one:.2f}x |")
+    return "\n".join(
+        [
+            f"batch of {n} adapters on {size} ({model_bytes(base) / 1e9:.2f} GB):",
+            "| page cache | one-pass batch s | separate runs s | speed-up |",
+            "|---|---:|---:|---:|",
+            *rows,
+        ]
+    )
+
+
 def fmt_gib(n: int) -> str:
     return f"{n / 2**30:.2f}"
 
@@ -241,6 +293,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="write all numbers to this JSON file")
     p.add_argument("--plot", type=Path, help="draw the comparison to this PNG")
     p.add_argument("--out-dir", type=Path, default=CACHE / "out", help="where outputs are written (and removed)")
+    p.add_argument("--batch", type=int, default=0, metavar="N", help="also bench a batch of N adapters")
     p.add_argument("--prlimit", help="run streammerge under prlimit --data=SIZE (e.g. 1GiB) to prove the bound")
     p.add_argument("streammerge_args", nargs="*", help="extra arguments for streammerge merge (after --)")
     args = p.parse_args()
@@ -280,6 +333,8 @@ def main() -> int:
     for r in results:
         if r.size == "70b-slice" and r.tool == "streammerge":
             print(projection_70b(r))
+    if args.batch:
+        print(bench_batch(args.sizes.split(",")[0], args.batch, args.out_dir / "batch"))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     if args.plot:
