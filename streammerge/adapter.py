@@ -13,7 +13,7 @@ from .errors import AdapterError
 from .source import DTYPES, TORCH_TO_ST, Reader, TensorRef, parse_header, read_json
 
 CONFIG_NAME = "adapter_config.json"
-WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.safetensors.zst")
 PEFT_PREFIX = "base_model.model."
 #: ``init_lora_weights`` values for which PEFT rewrites the base weights when the adapter loads.
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -192,6 +192,8 @@ def _check_config(cfg: dict, path: Path) -> None:
 
 def _load_weights(adir: Path, reader: Reader) -> tuple[str, dict[str, TensorRef]]:
     st = adir / WEIGHT_NAMES[0]
+    if not st.is_file() and (adir / WEIGHT_NAMES[2]).is_file():
+        st = adir / WEIGHT_NAMES[2]
     if st.is_file():
         header = parse_header(st, error_cls=AdapterError)
         return str(st), dict(header.tensors)

@@ -37,7 +37,16 @@ from .sink import OutputLock, ShardWriter, check_output, discard_work_dir
 from .source import Reader, open_checkpoint, split_adapter_spec
 
 log = logging.getLogger("streammerge")
-JOB_OPTIONS = ("dtype", "shard_size", "save_method", "quant_type", "blocksize", "double_quant", "allow_nonfinite")
+JOB_OPTIONS = (
+    "dtype",
+    "shard_size",
+    "save_method",
+    "quant_type",
+    "blocksize",
+    "double_quant",
+    "allow_nonfinite",
+    "compress",
+)
 
 
 @dataclass
@@ -296,7 +305,9 @@ def _ensure_writer(a: _Active, shard_i: int, wt: WriterThread, meta: dict) -> No
     shard = a.plan.shards[shard_i]
     a.shard_i = shard_i
     try:
-        a.writer = ShardWriter(a.work / shard.filename, [o for j in shard.jobs for o in j.outputs], meta)
+        a.writer = ShardWriter(
+            a.work / shard.filename, [o for j in shard.jobs for o in j.outputs], meta, a.opts.compress
+        )
     except StreamMergeError as e:
         _fail(a, e)
 

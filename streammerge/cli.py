@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     m.add_argument(
+        "--compress",
+        metavar="zstd[:LEVEL]",
+        help="write archival *.safetensors.zst shards (restore with 'streammerge decompress')",
+    )
+    m.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted run (killed, Ctrl-C, disk full) with the same inputs and options, "
@@ -136,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--max-memory", default="128MiB", metavar="SIZE|FRACTION", help="work memory budget")
     b.add_argument("--resume", action="store_true", help="skip jobs whose output is already complete")
+    b.add_argument("--compress", metavar="zstd[:LEVEL]", help="write archival *.safetensors.zst shards")
     b.add_argument("--overwrite", action="store_true", help="replace non-empty job outputs")
     _common(b)
 
@@ -150,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--adapter", action="append", default=[], metavar="PATH[:WEIGHT]", help="adapter(s) merged")
     v.add_argument("--sample", type=int, metavar="N", help="recompute N tensors (default: all)")
     _common(v)
+
+    d = sub.add_parser("decompress", help="restore a --compress output to plain safetensors, byte-identical")
+    d.add_argument("src", metavar="SRC")
+    d.add_argument("dst", metavar="DST")
+    d.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    _common(d)
 
     i = sub.add_parser("inspect", help="describe a checkpoint or adapter directory")
     i.add_argument("path", metavar="PATH")
@@ -292,7 +304,8 @@ def _print_verify(vr, as_json: bool) -> None:
 def _batch(args, log) -> int:
     from .batch import batch, jobs_from_args, read_manifest, results_json, summary_table
 
-    over = {k: getattr(args, k) for k in ("dtype", "shard_size", "save_method") if getattr(args, k) is not None}
+    keys = ("dtype", "shard_size", "save_method", "compress")
+    over = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.manifest:
         if args.args:
             log.error("batch: give either --manifest or BASE OUT_ROOT ADAPTER..., not both")
@@ -336,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)  # a polite kill stops like Ctrl-C: resumable, exit 130
     try:
+        if args.command == "decompress":
+            from .sink import decompress_dir
+
+            files = decompress_dir(Path(args.src), Path(args.dst), args.overwrite)
+            if not args.quiet:
+                sys.stderr.write(f"decompressed {len(files)} shard(s) into {args.dst}\n")
+            return EXIT_OK
         if args.command == "batch":
             return _batch(args, log)
         if args.command == "verify":
@@ -373,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             allow_nonfinite=args.allow_nonfinite,
             resume=args.resume,
+            compress=args.compress,
             progress=progress,
             max_memory=args.max_memory,
             quant_type=args.quant_type,

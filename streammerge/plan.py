@@ -191,6 +191,7 @@ class MergeOptions:
     device: str = "auto"
     save_method: str = "merged_16bit"
     quant: QuantOut | None = None  # merged_4bit settings for a 16-bit base (None: the input's own)
+    compress: int | None = None  # zstd level: write *.safetensors.zst shards (archival)
     allow_nonfinite: bool = False
     block_bytes: int = 64 * 1024 * 1024
 
@@ -673,7 +674,10 @@ def build_plan(
             notes.append(f"vocab_size {tgt.get('vocab_size')} -> {vocab} (resized embeddings from the adapter)")
             tgt["vocab_size"] = vocab
     groups = layout_shards(jobs, opts.shard_size)
-    shards = tuple(ShardPlan(fname, tuple(g)) for fname, g in zip(shard_names(len(groups)), groups, strict=True))
+    suffix = ".zst" if opts.compress is not None else ""
+    shards = tuple(
+        ShardPlan(fname + suffix, tuple(g)) for fname, g in zip(shard_names(len(groups)), groups, strict=True)
+    )
     onto = "16-bit weights"
     if n4:
         onto = f"dequantized bitsandbytes 4-bit weights ({n4} tensors)"

@@ -464,8 +464,9 @@ def make_options(
     quant_type: str | None = None,
     blocksize: int | None = None,
     double_quant: bool | None = None,
+    compress: str | int | None = None,
 ) -> MergeOptions:
-    """Validated :class:`MergeOptions` from user-facing values."""
+    """Validated :class:`MergeOptions` from user-facing values. ``compress``: ``zstd[:LEVEL]``."""
     if save_method not in SAVE_METHODS:
         raise InputError(f"unknown save method {save_method!r}", hint=f"use one of {', '.join(SAVE_METHODS)}")
     qout = None
@@ -485,8 +486,28 @@ def make_options(
         allow_nonfinite=allow_nonfinite,
         block_bytes=parse_memory(max_memory),
         quant=qout,
+        compress=parse_compress(compress),
     )
+    if opts.compress is not None and save_method == "lora":
+        raise InputError("--compress applies to merged outputs, not --save-method lora")
     return opts
+
+
+def parse_compress(spec: str | int | None) -> int | None:
+    """``zstd`` or ``zstd:LEVEL`` (1-22; default 3) -> the zstd level; None -> no compression."""
+    if spec is None or spec is False:
+        return None
+    text = str(spec)
+    name, _, level = text.partition(":")
+    if name != "zstd":
+        raise InputError(f"unknown compression {text!r}", hint="use zstd or zstd:LEVEL")
+    try:
+        value = int(level) if level else 3
+    except ValueError:
+        raise InputError(f"--compress {text!r}: the level must be an integer") from None
+    if not 1 <= value <= 22:
+        raise InputError(f"--compress {text!r}: zstd levels go from 1 to 22")
+    return value
 
 
 def new_report(base: Path, ads: list[Adapter], out: Path, opts: MergeOptions, plan: MergePlan, dev, dry_run=False):
@@ -505,6 +526,7 @@ def new_report(base: Path, ads: list[Adapter], out: Path, opts: MergeOptions, pl
             "allow_nonfinite": opts.allow_nonfinite,
             "max_memory": opts.block_bytes,
             "quant": asdict(opts.quant) if opts.quant else None,
+            "compress": opts.compress,
         },
         dry_run=dry_run,
         device=str(dev),
@@ -545,6 +567,7 @@ def merge(
     quant_type: str | None = None,
     blocksize: int | None = None,
     double_quant: bool | None = None,
+    compress: str | None = None,
 ) -> MergeReport:
     """Merge LoRA ``adapter`` (and ``adapters``, each ``PATH[:WEIGHT]`` or ``(path, weight)``) into
     ``base`` and write the result to ``out``. Returns the :class:`MergeReport`.
@@ -561,7 +584,16 @@ def merge(
     if save_method == "lora" and (len(specs) != 1 or specs[0][1] != 1.0):
         raise InputError("--save-method lora takes exactly one adapter, without a weight")
     opts = make_options(
-        dtype, shard_size, device, save_method, allow_nonfinite, max_memory, quant_type, blocksize, double_quant
+        dtype,
+        shard_size,
+        device,
+        save_method,
+        allow_nonfinite,
+        max_memory,
+        quant_type,
+        blocksize,
+        double_quant,
+        compress,
     )
     dev = resolve_device(device)
     out = Path(out)
@@ -814,7 +846,7 @@ def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, res
                 bar.update(shard.nbytes)
                 report.resumed_shards += 1
                 continue
-            writer = ShardWriter(work / shard.filename, [o for j in shard.jobs for o in j.outputs], meta)
+            writer = ShardWriter(work / shard.filename, [o for j in shard.jobs for o in j.outputs], meta, opts.compress)
             writers.append(writer)
             for job in shard.jobs:
                 it = ex.blocks(job)

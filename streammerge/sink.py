@@ -37,15 +37,29 @@ def build_header(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[s
 class ShardWriter:
     """Streams the tensors of one shard, in the announced order, behind a header written first."""
 
-    def __init__(self, path: Path | str, specs: list[tuple[str, str, tuple[int, ...]]], metadata=None):
+    def __init__(
+        self,
+        path: Path | str,
+        specs: list[tuple[str, str, tuple[int, ...]]],
+        metadata=None,
+        zstd_level: int | None = None,
+    ):
         self.path = Path(path)
         self._specs = [(name, numel(shape) * DTYPES[dtype][0]) for name, dtype, shape in specs]
         self._i = 0
         self._left = self._specs[0][1] if self._specs else 0
         header = build_header(specs, metadata)
         self._hash = hashlib.sha256(header)
+        self._raw = None
         try:
             self._f = open(self.path, "wb")  # noqa: SIM115 - held open across write() calls
+            if zstd_level is not None:
+                import zstandard
+
+                total = len(header) + sum(n for _, n in self._specs)
+                self._raw = self._f
+                cctx = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True, threads=-1)
+                self._f = cctx.stream_writer(self._raw, size=total, closefd=False)
             self._f.write(header)
         except OSError as e:
             raise _io_error(self.path, e) from e
@@ -83,20 +97,30 @@ class ShardWriter:
             self._f.close()
             raise OutputError(f"{self.path}: closed before {self._specs[self._i][0]!r} was complete")
         try:
+            if self._raw is not None:
+                import zstandard
+
+                self._f.flush(zstandard.FLUSH_FRAME)
+                self._f.close()
+                self._f = self._raw
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
         except OSError as e:
             raise _io_error(self.path, e) from e
+        if self._raw is not None:  # the journal and report hold the hash of the file on disk
+            self._file_digest = file_sha256(self.path)
 
     @property
     def sha256(self) -> str:
-        """Hex digest of every byte written (header included): ``sha256sum`` of the finished file."""
-        return self._hash.hexdigest()
+        """``sha256sum`` of the finished file (for a compressed shard: of the compressed file)."""
+        return getattr(self, "_file_digest", None) or self._hash.hexdigest()
 
     def abort(self) -> None:
         try:
             self._f.close()
+            if self._raw is not None:
+                self._raw.close()
         except OSError:
             pass
 
@@ -292,3 +316,43 @@ def commit_work_dir(work: Path, out: Path) -> None:
 
 def discard_work_dir(work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
+
+
+def decompress_dir(src: Path, dst: Path, overwrite: bool = False) -> list[str]:
+    """Restore a ``--compress`` output: every ``*.safetensors.zst`` decompressed, the index renamed
+    back, other files copied; byte-identical to the uncompressed output. Atomic like a merge."""
+    import zstandard
+
+    if not src.is_dir():
+        raise OutputError(f"{src}: not a directory")
+    check_output(dst, [src], overwrite)
+    work = prepare_work_dir(dst)
+    done = []
+    try:
+        for p in sorted(src.iterdir()):
+            if not p.is_file() or p.name.startswith("."):
+                continue
+            if p.name.endswith(".safetensors.zst"):
+                target = work / p.name[: -len(".zst")]
+                try:
+                    with open(p, "rb") as fin, open(target, "wb") as fout:
+                        zstandard.ZstdDecompressor().copy_stream(fin, fout, write_size=8 << 20)
+                        fout.flush()
+                        os.fsync(fout.fileno())
+                except zstandard.ZstdError as e:
+                    raise OutputError(f"{p}: corrupt compressed data ({e})") from None
+                except OSError as e:
+                    raise _io_error(target, e) from e
+                done.append(target.name)
+            elif p.name == "model.safetensors.index.json":
+                index = json.loads(p.read_text(encoding="utf-8"))
+                wm = index.get("weight_map", {})
+                index["weight_map"] = {k: v[:-4] if v.endswith(".zst") else v for k, v in wm.items()}
+                write_json(work / p.name, index)
+            else:
+                copy_file(p, work / p.name)
+        commit_work_dir(work, dst)
+    except BaseException:
+        discard_work_dir(work)
+        raise
+    return done

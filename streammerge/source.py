@@ -101,6 +101,41 @@ def _bad(path: Path | str, what: str, error_cls=InputError) -> Exception:
     )
 
 
+ZSTD_WHOLE_FILE = 128 * 2**20  # compressed files up to this size are decompressed whole (adapters)
+
+
+def is_zst(path: Path | str) -> bool:
+    return str(path).endswith(".zst")
+
+
+def _read_exact(f, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        try:
+            chunk = f.read(min(n - len(out), 64 << 20))
+        except OSError:
+            raise
+        except Exception as e:  # zstandard.ZstdError: corrupt compressed data
+            raise OSError(f"corrupt compressed data ({e})") from None
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _zst_open(path: Path, f, error_cls: type):
+    """(decompressed size or None, a stream reader) for a zstd-compressed file."""
+    import zstandard
+
+    first = f.read(18)
+    f.seek(0)
+    try:
+        size = zstandard.frame_content_size(first)
+    except zstandard.ZstdError:
+        raise _bad(path, "not a zstd frame", error_cls) from None
+    return (size if size >= 0 else None), zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+
+
 def parse_header(path: Path | str, error_cls: type = InputError) -> ShardHeader:
     """Read and validate a safetensors header without reading tensor data.
 
@@ -109,15 +144,18 @@ def parse_header(path: Path | str, error_cls: type = InputError) -> ShardHeader:
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
+            if is_zst(path):
+                size, f = _zst_open(path, f, error_cls)
+            else:
+                size = path.stat().st_size
+            head = _read_exact(f, 8)
             if len(head) < 8:
                 raise _bad(path, f"file is {size} bytes, shorter than the 8-byte length prefix", error_cls)
             n = int.from_bytes(head, "little")
-            if n > MAX_HEADER_BYTES or n > size - 8:
+            if n > MAX_HEADER_BYTES or (size is not None and n > size - 8):
                 raise _bad(path, f"header length {n} exceeds the file size ({size} bytes) or 100 MB", error_cls)
-            raw = f.read(n)
+            raw = _read_exact(f, n)
     except OSError as e:
         raise error_cls(
             f"{path}: cannot read: {e.strerror or e}", hint="check that the file exists and is readable"
@@ -134,7 +172,7 @@ def parse_header(path: Path | str, error_cls: type = InputError) -> ShardHeader:
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise _bad(path, "__metadata__ must map strings to strings", error_cls)
     data_start = 8 + n
-    data_len = size - data_start
+    data_len = size - data_start if size is not None else None  # unknown for a zstd frame without its size
     spans: list[tuple[int, int, str]] = []
     tensors: dict[str, TensorRef] = {}
     for name, info in obj.items():
@@ -173,7 +211,7 @@ def parse_header(path: Path | str, error_cls: type = InputError) -> ShardHeader:
             what = "overlaps the previous tensor" if begin < pos else f"leaves a gap at byte {pos}"
             raise _bad(path, f"tensor {name!r} at {begin} {what}", error_cls)
         pos = end
-    if pos != data_len:
+    if data_len is not None and pos != data_len:
         if pos > data_len:
             raise _bad(path, f"file is truncated: tensors need {pos} data bytes, file has {data_len}", error_cls)
         raise _bad(path, f"{data_len - pos} trailing bytes after the last tensor", error_cls)
@@ -264,6 +302,8 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
                 tensors[ref.name] = ref
         return Checkpoint(str(root), config, tensors, tuple(str(root / f) for f in files), True)
     single = root / SINGLE_NAME
+    if not single.is_file() and (root / (SINGLE_NAME + ".zst")).is_file():
+        single = root / (SINGLE_NAME + ".zst")
     if not single.is_file():
         found = sorted(p.name for p in root.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"})
         raise InputError(
@@ -286,6 +326,7 @@ class Reader:
     """
 
     def __init__(self) -> None:
+        self._zst: dict[str, _ZstFile] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         self.bytes_read = 0
@@ -308,7 +349,15 @@ class Reader:
         """The bytes ``[start, start+length)`` of a tensor, as a view of the map."""
         length = ref.nbytes - start if length is None else length
         self.bytes_read += length
+        if is_zst(ref.file):
+            return self._zst_tensor_bytes(ref)[start : start + length]
         return memoryview(self._map(ref.file))[ref.offset + start : ref.offset + start + length]
+
+    def _zst_tensor_bytes(self, ref: TensorRef) -> memoryview:
+        z = self._zst.get(ref.file)
+        if z is None:
+            z = self._zst[ref.file] = _ZstFile(ref.file)
+        return z.tensor_bytes(ref)
 
     def tensor(self, ref: TensorRef) -> torch.Tensor:
         """The whole tensor as a zero-copy torch view (a CPU tensor of its stored dtype)."""
@@ -323,6 +372,11 @@ class Reader:
         if ref.nbytes == 0:
             return torch.empty(ref.shape, dtype=tdtype)
         self.bytes_read += ref.nbytes
+        if is_zst(ref.file):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                flat = torch.frombuffer(self._zst_tensor_bytes(ref), dtype=torch.uint8)
+            return flat.view(tdtype).view(ref.shape)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "buffer is not writable": we never write to these views
             flat = torch.frombuffer(self._map(ref.file), dtype=torch.uint8, count=ref.nbytes, offset=ref.offset)
@@ -333,6 +387,9 @@ class Reader:
         source holding several), so RSS stays small; the data stays in the page cache."""
         refs = [src] if isinstance(src, TensorRef) else [v for v in vars(src).values() if isinstance(v, TensorRef)]
         for ref in refs:
+            z = self._zst.get(ref.file)
+            if z is not None:
+                z.drop(ref)
             m = self._maps.get(ref.file)
             if m is None or ref.offset < 0 or not hasattr(mmap, "MADV_DONTNEED"):
                 continue
@@ -352,6 +409,73 @@ class Reader:
                 pass  # a view is still alive; the map is released with it
         self._maps.clear()
         self._pickled.clear()
+        for z in self._zst.values():
+            z.close()
+        self._zst.clear()
+
+
+class _ZstFile:
+    """Tensors of a zstd-compressed safetensors file, by streaming decompression: the plan visits
+    tensors in file order, so the stream only moves forward (a step back restarts it). One tensor is
+    held decompressed at a time; small files (adapters) are decompressed whole once."""
+
+    def __init__(self, path: str):
+        import zstandard
+
+        self.path = path
+        self._zstd = zstandard
+        self._whole: bytes | None = None
+        self._fh = None
+        self._stream = None
+        self.pos = 0
+        self._cur: tuple[str, memoryview] | None = None
+        if os.path.getsize(path) <= ZSTD_WHOLE_FILE:
+            with open(path, "rb") as f:
+                self._whole = self._read_all(f)
+
+    def _read_all(self, f) -> bytes:
+        try:
+            return self._zstd.ZstdDecompressor().stream_reader(f, read_across_frames=True).read()
+        except self._zstd.ZstdError as e:
+            raise InputError(f"{self.path}: corrupt compressed data ({e})") from None
+
+    def _reopen(self) -> None:
+        self.close()
+        self._fh = open(self.path, "rb")  # noqa: SIM115 - held across calls, closed in close()
+        self._stream = self._zstd.ZstdDecompressor().stream_reader(self._fh, read_across_frames=True)
+        self.pos = 0
+
+    def tensor_bytes(self, ref: TensorRef) -> memoryview:
+        if self._whole is not None:
+            return memoryview(self._whole)[ref.offset : ref.offset + ref.nbytes]
+        if self._cur is not None and self._cur[0] == ref.name:
+            return self._cur[1]
+        if self._stream is None or ref.offset < self.pos:
+            self._reopen()
+        try:
+            skip = ref.offset - self.pos
+            while skip > 0:
+                got = len(self._stream.read(min(skip, 64 << 20)))
+                if not got:
+                    break
+                skip -= got
+            data = _read_exact(self._stream, ref.nbytes)
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot read {ref.name!r}: {e}") from None
+        if len(data) != ref.nbytes:
+            raise InputError(f"{self.path}: truncated: {ref.name!r} ends past the end of the data")
+        self.pos = ref.offset + ref.nbytes
+        self._cur = (ref.name, memoryview(data))
+        return self._cur[1]
+
+    def drop(self, ref: TensorRef) -> None:
+        if self._cur is not None and self._cur[0] == ref.name:
+            self._cur = None
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._fh = self._stream = None
 
 
 def split_adapter_spec(spec: str) -> tuple[str, float]:

@@ -99,6 +99,7 @@ def verify(
         save_method=o.get("save_method", "merged_16bit"),
         allow_nonfinite=True,
         quant=QuantOut(**q) if q else None,
+        compress=o.get("compress"),
     )
     specs = [(str(a[0]), float(a[1])) if isinstance(a, tuple) else split_adapter_spec(str(a)) for a in adapters]
     reader = Reader()
