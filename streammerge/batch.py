@@ -280,7 +280,19 @@ def _run_pass(active: list[_Active], ckpt, logical, reader: Reader, dev, ws: Wor
         if a.failed is None:
             try:
                 stage = {**a.ex.stage, "write": wt.busy, "compute": a.compute}
-                finish_output(a.work, a.spec.out, a.plan, a.aux, a.report, a.journal, a.ex, stage, a.t0, reader)
+                finish_output(
+                    a.work,
+                    a.spec.out,
+                    a.plan,
+                    a.aux,
+                    a.report,
+                    a.journal,
+                    stage,
+                    a.t0,
+                    reader,
+                    ws.nbytes,
+                    a.ex.peak_anon,
+                )
                 a.result.seconds = a.report.seconds["total"]
                 a.result.total_size = a.report.total_size
                 a.result.tensors_merged = a.report.tensors_merged

@@ -104,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     m.add_argument(
+        "--executor",
+        default="inprocess",
+        choices=["inprocess", "local", "ray"],
+        help="inprocess (default): this process; local: --workers processes, one output shard each; "
+        "ray: one Ray task per output shard (needs streammerge[ray]; --address for a cluster)",
+    )
+    m.add_argument("--workers", type=int, default=2, help="worker processes for --executor local (2)")
+    m.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local one)")
+    m.add_argument(
         "--compress",
         metavar="zstd[:LEVEL]",
         help="write archival *.safetensors.zst shards (restore with 'streammerge decompress')",
@@ -394,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
             allow_nonfinite=args.allow_nonfinite,
             resume=args.resume,
             compress=args.compress,
+            executor=args.executor,
+            workers=args.workers,
+            address=args.address,
             progress=progress,
             max_memory=args.max_memory,
             quant_type=args.quant_type,

@@ -568,6 +568,9 @@ def merge(
     blocksize: int | None = None,
     double_quant: bool | None = None,
     compress: str | None = None,
+    executor: str = "inprocess",
+    workers: int = 2,
+    address: str | None = None,
 ) -> MergeReport:
     """Merge LoRA ``adapter`` (and ``adapters``, each ``PATH[:WEIGHT]`` or ``(path, weight)``) into
     ``base`` and write the result to ``out``. Returns the :class:`MergeReport`.
@@ -620,7 +623,8 @@ def merge(
                 hint="free disk space or choose another output location",
             )
         with OutputLock(out):
-            _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume, t0)
+            dist = None if executor == "inprocess" else (executor, workers, address)
+            _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume, t0, dist)
         return report
     finally:
         reader.close()
@@ -787,7 +791,7 @@ def _open_run(out: Path, fp: dict, resume: bool) -> tuple[Path, Journal, dict[st
     return work, journal, {}
 
 
-def finish_output(work, out, plan, aux, report, journal, ex, stage, t0, reader) -> None:
+def finish_output(work, out, plan, aux, report, journal, stage, t0, reader, ws_bytes: int, peak_anon: int) -> None:
     """Index, config, side files and report into the work directory, then publish it as ``out``."""
     if len(plan.shards) > 1:
         index = {
@@ -809,8 +813,8 @@ def finish_output(work, out, plan, aux, report, journal, ex, stage, t0, reader) 
     }
     for rec in report.shards:
         rec["sha256"] = journal.shards[rec["file"]]["sha256"]
-    report.work_buffer_bytes = ex.ws.nbytes
-    report.peak_anon_bytes = ex.peak_anon
+    report.work_buffer_bytes = ws_bytes
+    report.peak_anon_bytes = max(peak_anon, _anon_bytes())
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report.bytes_read = reader.bytes_read
     write_json(work / REPORT_NAME, report.to_dict())
@@ -818,9 +822,41 @@ def finish_output(work, out, plan, aux, report, journal, ex, stage, t0, reader) 
     commit_work_dir(work, out)
 
 
-def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume: bool, t0: float) -> None:
+def _execute_distributed(plan, aux, ckpt, ads, out, reader, opts, report, t0, work, journal, done, dist) -> None:
+    """The shards on worker processes or Ray tasks; the driver records them and finishes the output."""
+    from .distributed import run_shards
+
+    executor, workers, address = dist
+    todo = [i for i, s in enumerate(plan.shards) if s.filename not in done]
+    report.resumed_shards = len(plan.shards) - len(todo)
+    specs = [(a.path, a.weight) for a in ads]
+    try:
+        stats = run_shards(
+            plan, todo, ckpt.path, specs, opts, opts.device, work, journal, executor, workers, address, log
+        )
+        report.warnings += stats["warnings"]
+        report.notes += stats["notes"] + [f"{len(todo)} shard(s) merged by {stats['workers']} {executor} worker(s)"]
+        stage = {k: stats[k] for k in ("read", "dequant", "merge", "write")}
+        stage["compute"] = stage["merge"]
+        finish_output(
+            work, out, plan, aux, report, journal, stage, t0, reader, stats["work_buffer_bytes"], stats["peak_anon"]
+        )
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, OutputError, OSError)):
+            log.error("partial output kept in %s; run the same command with --resume to continue", work)
+        else:
+            discard_work_dir(work)
+        raise
+
+
+def _execute(
+    plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume: bool, t0: float, dist=None
+) -> None:
     fp = fingerprint(ckpt, ads, plan, report.options)
     work, journal, done = _open_run(out, fp, resume)
+    if dist is not None:
+        _execute_distributed(plan, aux, ckpt, ads, out, reader, opts, report, t0, work, journal, done, dist)
+        return
     ex = Executor(reader, opts, dev, report)
     t_compute = 0.0
     meta = {"format": "pt", "streammerge": __version__}
@@ -863,7 +899,7 @@ def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, res
             wt.submit(finish_shard, writer, shard.filename)
         wt.finish()
         stage = {**ex.stage, "write": wt.busy, "compute": t_compute}
-        finish_output(work, out, plan, aux, report, journal, ex, stage, t0, reader)
+        finish_output(work, out, plan, aux, report, journal, stage, t0, reader, ex.ws.nbytes, ex.peak_anon)
     except BaseException as e:
         wt.abort()
         for w in writers:
