@@ -174,9 +174,16 @@ def batch(
     overwrite: bool = False,
     device: str = "auto",
     max_memory: str | int = "128MiB",
+    executor: str = "inprocess",
+    workers: int = 2,
+    address: str | None = None,
 ) -> list[JobResult]:
     """Run all ``jobs`` in one pass over ``base``. A failing job is reported and the others go on;
-    with ``resume``, jobs whose output is already complete are skipped."""
+    with ``resume``, jobs whose output is already complete are skipped. With ``executor`` ``local``
+    or ``ray`` the jobs run one after another, each one's shards spread over the workers (no shared
+    pass: each worker reads the base from shared storage)."""
+    if executor != "inprocess":
+        return _batch_distributed(base, jobs, resume, overwrite, device, max_memory, executor, workers, address)
     base = Path(base)
     dev = resolve_device(device)
     reader = Reader()
@@ -216,6 +223,36 @@ def batch(
             if a.lock is not None:
                 a.lock.__exit__(None, None, None)
         reader.close()
+    return results
+
+
+def _batch_distributed(base, jobs, resume, overwrite, device, max_memory, executor, workers, address):
+    from .run import merge
+
+    results = []
+    for spec in jobs:
+        res = JobResult(spec.name, str(spec.out), "ok")
+        results.append(res)
+        if resume and (spec.out / REPORT_NAME).is_file():
+            res.status = "skipped"
+            continue
+        try:
+            rep = merge(
+                base,
+                list(spec.adapters),
+                spec.out,
+                overwrite=overwrite,
+                device=device,
+                max_memory=max_memory,
+                executor=executor,
+                workers=workers,
+                address=address,
+                **spec.options,
+            )
+            res.seconds, res.total_size, res.tensors_merged = rep.seconds["total"], rep.total_size, rep.tensors_merged
+        except StreamMergeError as e:
+            res.status, res.error = "failed", str(e).splitlines()[0]
+            log.error("job %s: %s", spec.name, e)
     return results
 
 

@@ -151,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-memory", default="128MiB", metavar="SIZE|FRACTION", help="work memory budget")
     b.add_argument("--resume", action="store_true", help="skip jobs whose output is already complete")
     b.add_argument("--compress", metavar="zstd[:LEVEL]", help="write archival *.safetensors.zst shards")
+    b.add_argument(
+        "--executor",
+        default="inprocess",
+        choices=["inprocess", "local", "ray"],
+        help="inprocess: one shared pass; local/ray: each job's shards spread over workers",
+    )
+    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--address", help="Ray cluster address")
     b.add_argument("--overwrite", action="store_true", help="replace non-empty job outputs")
     _common(b)
 
@@ -329,7 +337,15 @@ def _batch(args, log) -> int:
         base, root, *adapters = args.args
         jobs = jobs_from_args(Path(root), adapters, over)
     results = batch(
-        base, jobs, resume=args.resume, overwrite=args.overwrite, device=args.device, max_memory=args.max_memory
+        base,
+        jobs,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=args.device,
+        max_memory=args.max_memory,
+        executor=args.executor,
+        workers=args.workers,
+        address=args.address,
     )
     if args.json:
         json.dump(results_json(results), sys.stdout, indent=2)

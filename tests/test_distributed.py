@@ -63,3 +63,24 @@ def test_local_executor_resumes_and_retries(pair, tmp_path, monkeypatch):
     rep = streammerge.merge(base, ad, out, shard_size="4MB", executor="local", workers=2, resume=True)
     assert rep.resumed_shards == 2
     assert _model_files(out) == _model_files(ref)
+
+
+def test_batch_on_local_workers_equals_one_pass(pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from streammerge.batch import batch, jobs_from_args
+
+    base, ad, _ = pair
+    sd = load_file(ad / "adapter_model.safetensors")
+    ads = []
+    for k in range(2):
+        d = tmp_path / "runs" / f"checkpoint-{k}"
+        d.mkdir(parents=True)
+        (d / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
+        save_file({n: t * (k + 2) for n, t in sd.items()}, d / "adapter_model.safetensors")
+        ads.append(str(d))
+    one = batch(base, jobs_from_args(tmp_path / "one", ads, {"shard_size": "4MB"}))
+    many = batch(base, jobs_from_args(tmp_path / "many", ads, {"shard_size": "4MB"}), executor="local", workers=2)
+    assert all(r.status == "ok" for r in one + many)
+    for r1, r2 in zip(one, many, strict=True):
+        assert _model_files(tmp_path / "one" / r1.name) == _model_files(tmp_path / "many" / r2.name)
