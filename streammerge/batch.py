@@ -206,7 +206,7 @@ def batch(
                 plan = build_plan(ckpt, ads, opts, lambda ref: bytes(reader.raw(ref)))
                 check_output(spec.out, [base] + [Path(a.path) for a in ads], overwrite or resume)
                 report = new_report(base, ads, spec.out, opts, plan, dev)
-                aux = _aux_files(base, ads)
+                aux = _aux_files(base, ads, ckpt)
                 if opts.save_method == "lora":
                     t = time.perf_counter()
                     with OutputLock(spec.out):

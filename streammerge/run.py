@@ -427,17 +427,17 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _aux_files(base: Path, adapters: list[Adapter]) -> dict[str, Path]:
-    """Files copied beside the weights: the base's non-weight files, then the adapters' tokenizer files."""
-    files: dict[str, Path] = {}
-    for p in sorted(base.iterdir()):
-        if (
-            p.is_file()
-            and not p.name.startswith(".")
-            and p.name not in SKIP_FILES
-            and not p.name.endswith(WEIGHT_SUFFIXES)
-        ):
-            files[p.name] = p
+def _aux_files(base: Path, adapters: list[Adapter], ckpt: Checkpoint | None = None) -> dict[str, Path | bytes]:
+    """Files copied beside the weights: the base's non-weight files (from an archive: their bytes), then
+    the adapters' tokenizer files."""
+    files: dict[str, Path | bytes] = {}
+    if ckpt is not None and ckpt.aux is not None:
+        items = sorted(ckpt.aux.items())
+    else:
+        items = [(p.name, p) for p in sorted(base.iterdir()) if p.is_file()]
+    for name, src in items:
+        if not name.startswith(".") and name not in SKIP_FILES and not name.endswith(WEIGHT_SUFFIXES):
+            files[name] = src
     for ad in adapters:
         for name in TOKENIZER_FILES:
             p = Path(ad.path) / name
@@ -605,7 +605,7 @@ def merge(
     try:
         ckpt, ads, plan = plan_merge(base, specs, opts, reader)
         check_output(out, [base] + [Path(a.path) for a in ads], overwrite)
-        aux = _aux_files(base, ads)
+        aux = _aux_files(base, ads, ckpt)
         report = new_report(base, ads, out, opts, plan, dev, dry_run)
         free = report.free_disk_bytes
         if dry_run:
@@ -616,7 +616,7 @@ def merge(
                 _write_lora(ads[0], out, reader, report)
             report.seconds["total"] = round(time.perf_counter() - t0, 3)
             return report
-        needed = plan.total_size + sum(p.stat().st_size for p in aux.values())
+        needed = plan.total_size + sum(len(p) if isinstance(p, bytes) else p.stat().st_size for p in aux.values())
         if needed > free:
             raise OutputError(
                 f"{out.parent}: {free / 1e9:.2f} GB free, the output needs {needed / 1e9:.2f} GB",
@@ -734,10 +734,13 @@ class WriterThread:
 def fingerprint(ckpt: Checkpoint, ads: list[Adapter], plan: MergePlan, options: dict) -> dict:
     """What a run is: its inputs' identities (size, mtime, sha256 of each safetensors header), its options
     and a digest of its plan. ``--resume`` continues a run only if all of these are unchanged."""
-    files = [Path(ckpt.path) / "config.json", *map(Path, ckpt.shard_files)]
-    index = Path(ckpt.path) / "model.safetensors.index.json"
-    if index.exists():
-        files.append(index)
+    if ckpt.aux is not None:  # an archive: its own identity covers every member
+        files = [Path(ckpt.path)]
+    else:
+        files = [Path(ckpt.path) / "config.json", *map(Path, ckpt.shard_files)]
+        index = Path(ckpt.path) / "model.safetensors.index.json"
+        if index.exists():
+            files.append(index)
     for ad in ads:
         files += [Path(ad.path) / "adapter_config.json", Path(ad.weights_file)]
     ident = {}

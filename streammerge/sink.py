@@ -154,8 +154,12 @@ def write_json(path: Path, obj) -> None:
         raise _io_error(path, e) from e
 
 
-def copy_file(src: Path, dst: Path) -> None:
+def copy_file(src: Path | bytes, dst: Path) -> None:
+    """Copy a file (or write bytes held in memory, e.g. from an archive) to ``dst``."""
     try:
+        if isinstance(src, bytes):
+            dst.write_bytes(src)
+            return
         shutil.copyfile(src, dst)
     except OSError as e:
         raise _io_error(dst, e) from e

@@ -54,6 +54,7 @@ CONFIG_DTYPE_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F6
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 INDEX_NAME = "model.safetensors.index.json"
+ARCHIVE_SEP = "::"  # "archive.tar.zst::member.safetensors": a tensor file inside an archive
 SINGLE_NAME = "model.safetensors"
 MAX_NDIM = 16
 
@@ -149,17 +150,22 @@ def parse_header(path: Path | str, error_cls: type = InputError) -> ShardHeader:
                 size, f = _zst_open(path, f, error_cls)
             else:
                 size = path.stat().st_size
-            head = _read_exact(f, 8)
-            if len(head) < 8:
-                raise _bad(path, f"file is {size} bytes, shorter than the 8-byte length prefix", error_cls)
-            n = int.from_bytes(head, "little")
-            if n > MAX_HEADER_BYTES or (size is not None and n > size - 8):
-                raise _bad(path, f"header length {n} exceeds the file size ({size} bytes) or 100 MB", error_cls)
-            raw = _read_exact(f, n)
+            return parse_header_stream(str(path), f, size, error_cls)
     except OSError as e:
         raise error_cls(
             f"{path}: cannot read: {e.strerror or e}", hint="check that the file exists and is readable"
         ) from e
+
+
+def parse_header_stream(path: str, f, size: int | None, error_cls: type = InputError) -> ShardHeader:
+    """``parse_header`` on an open stream positioned at the file's start (``size`` None: unknown)."""
+    head = _read_exact(f, 8)
+    if len(head) < 8:
+        raise _bad(path, f"file is {size} bytes, shorter than the 8-byte length prefix", error_cls)
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER_BYTES or (size is not None and n > size - 8):
+        raise _bad(path, f"header length {n} exceeds the file size ({size} bytes) or 100 MB", error_cls)
+    raw = _read_exact(f, n)
     if len(raw) != n:
         raise _bad(path, "header is truncated", error_cls)
     try:
@@ -203,7 +209,7 @@ def parse_header(path: Path | str, error_cls: type = InputError) -> ShardHeader:
                 path, f"tensor {name!r}: data_offsets {offs} hold {end - begin} bytes, expected {expected}", error_cls
             )
         spans.append((begin, end, name))
-        tensors[name] = TensorRef(name, str(path), dtype, tuple(shape), data_start + begin, expected)
+        tensors[name] = TensorRef(name, path, dtype, tuple(shape), data_start + begin, expected)
     spans.sort()
     pos = 0
     for begin, end, name in spans:
@@ -215,7 +221,7 @@ def parse_header(path: Path | str, error_cls: type = InputError) -> ShardHeader:
         if pos > data_len:
             raise _bad(path, f"file is truncated: tensors need {pos} data bytes, file has {data_len}", error_cls)
         raise _bad(path, f"{data_len - pos} trailing bytes after the last tensor", error_cls)
-    return ShardHeader(str(path), data_start, tensors, meta)
+    return ShardHeader(path, data_start, tensors, meta)
 
 
 @dataclass(frozen=True)
@@ -227,6 +233,7 @@ class Checkpoint:
     tensors: dict[str, TensorRef]  # in file order: shard by shard, offset by offset
     shard_files: tuple[str, ...]
     sharded: bool
+    aux: dict | None = None  # a .tar.zst archive's small files (config, tokenizer, ...), by name
 
     @property
     def total_bytes(self) -> int:
@@ -249,18 +256,113 @@ def read_json(path: Path, what: str, error_cls: type = InputError) -> dict:
     return obj
 
 
+class _DirView:
+    """The files of a checkpoint directory."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, name: str) -> str:
+        return str(self.root / name)
+
+    def has(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    def json(self, name: str, what: str) -> dict:
+        return read_json(self.root / name, what)
+
+    def header(self, name: str) -> ShardHeader:
+        return parse_header(self.root / name)
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir())
+
+
+class _ArchiveView:
+    """The files of a ``.tar.zst`` checkpoint archive, read in one streaming pass: small files kept in
+    memory, safetensors members reduced to their validated headers (tensors are read later, streaming)."""
+
+    SMALL = 64 * 2**20
+
+    def __init__(self, archive: Path):
+        import tarfile
+
+        import zstandard
+
+        self.archive = archive
+        self.files: dict[str, bytes] = {}
+        self.headers: dict[str, ShardHeader] = {}
+        self.members: dict[str, str] = {}
+        try:
+            with open(archive, "rb") as fh, _tar_stream(fh) as tf:
+                for ti in tf:
+                    if not ti.isfile():
+                        continue
+                    name = Path(ti.name).name
+                    if name in self.members:
+                        raise InputError(f"{archive}: holds two files named {name!r}")
+                    self.members[name] = ti.name
+                    f = tf.extractfile(ti)
+                    if name.endswith(".safetensors"):
+                        self.headers[name] = parse_header_stream(f"{archive}{ARCHIVE_SEP}{ti.name}", f, ti.size)
+                    elif ti.size <= self.SMALL:
+                        self.files[name] = f.read()
+        except (OSError, tarfile.TarError, zstandard.ZstdError) as e:
+            raise InputError(f"{archive}: not a readable .tar.zst archive ({e})") from None
+
+    def path(self, name: str) -> str:
+        return f"{self.archive}{ARCHIVE_SEP}{self.members.get(name, name)}"
+
+    def has(self, name: str) -> bool:
+        return name in self.headers or name in self.files
+
+    def json(self, name: str, what: str) -> dict:
+        if name not in self.files:
+            raise InputError(f"{self.archive}: missing {what}", hint=f"the archive must contain {name}")
+        try:
+            obj = json.loads(self.files[name].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{self.path(name)}: {what} is not valid JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{self.path(name)}: {what} must be a JSON object")
+        return obj
+
+    def header(self, name: str) -> ShardHeader:
+        return self.headers[name]
+
+    def names(self) -> list[str]:
+        return sorted(self.members)
+
+
+def _tar_stream(fh):
+    import tarfile
+
+    import zstandard
+
+    return tarfile.open(fileobj=zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True), mode="r|")
+
+
 def open_checkpoint(path: Path | str) -> Checkpoint:
-    """Index a base checkpoint directory: validate config, index and every shard header."""
+    """Index a base checkpoint (a directory, or a ``.tar.zst`` archive of one): validate config,
+    index and every shard header."""
     root = Path(path)
+    if root.is_file() and root.name.endswith(".tar.zst"):
+        view = _ArchiveView(root)
+        ckpt = _assemble(view, root)
+        return Checkpoint(ckpt.path, ckpt.config, ckpt.tensors, ckpt.shard_files, ckpt.sharded, view.files)
     if not root.is_dir():
         raise InputError(
             f"{root}: base checkpoint directory not found", hint="pass a local Hugging Face model directory"
         )
-    config = read_json(root / "config.json", "config.json")
-    index_path = root / INDEX_NAME
+    return _assemble(_DirView(root), root)
+
+
+def _assemble(view, root: Path) -> Checkpoint:
+    config = view.json("config.json", "config.json")
+    index_path = view.path(INDEX_NAME)
     tensors: dict[str, TensorRef] = {}
-    if index_path.exists():
-        index = read_json(index_path, "shard index")
+    if view.has(INDEX_NAME):
+        index = view.json(INDEX_NAME, "shard index")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputError(f"{index_path}: has no 'weight_map' object", hint="re-save the checkpoint")
@@ -272,17 +374,16 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
                 files.append(f)
         headers = {}
         for f in files:
-            p = root / f
             # a bare file name: no path components, so the index cannot point outside the directory; the
             # file itself may be a symlink (the Hugging Face cache links snapshots to blobs)
             if "/" in f or "\\" in f or f.startswith(".") or f != Path(f).name:
                 raise InputError(f"{index_path}: shard name {f!r} points outside the checkpoint directory")
-            if not p.is_file():
+            if not view.has(f):
                 raise InputError(
                     f"{index_path}: names shard {f!r}, which does not exist",
                     hint="the download is incomplete; fetch the missing shard",
                 )
-            headers[f] = parse_header(p)
+            headers[f] = view.header(f)
         missing = [k for k, f in weight_map.items() if k not in headers[f].tensors]
         if missing:
             raise InputError(
@@ -300,21 +401,21 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
         for f in files:
             for ref in sorted(headers[f].tensors.values(), key=lambda r: r.offset):
                 tensors[ref.name] = ref
-        return Checkpoint(str(root), config, tensors, tuple(str(root / f) for f in files), True)
-    single = root / SINGLE_NAME
-    if not single.is_file() and (root / (SINGLE_NAME + ".zst")).is_file():
-        single = root / (SINGLE_NAME + ".zst")
-    if not single.is_file():
-        found = sorted(p.name for p in root.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"})
+        return Checkpoint(str(root), config, tensors, tuple(view.path(f) for f in files), True)
+    single = SINGLE_NAME
+    if not view.has(single) and view.has(SINGLE_NAME + ".zst"):
+        single = SINGLE_NAME + ".zst"
+    if not view.has(single):
+        found = [n for n in view.names() if Path(n).suffix in {".safetensors", ".bin", ".pt", ".gguf"}]
         raise InputError(
             f"{root}: no {SINGLE_NAME} or {INDEX_NAME}",
             hint=(f"found {', '.join(found)}; " if found else "")
             + "streammerge reads safetensors checkpoints; convert .bin checkpoints with transformers first",
         )
-    header = parse_header(single)
+    header = view.header(single)
     for ref in sorted(header.tensors.values(), key=lambda r: r.offset):
         tensors[ref.name] = ref
-    return Checkpoint(str(root), config, tensors, (str(single),), False)
+    return Checkpoint(str(root), config, tensors, (view.path(single),), False)
 
 
 class Reader:
@@ -349,14 +450,15 @@ class Reader:
         """The bytes ``[start, start+length)`` of a tensor, as a view of the map."""
         length = ref.nbytes - start if length is None else length
         self.bytes_read += length
-        if is_zst(ref.file):
+        if ARCHIVE_SEP in ref.file or is_zst(ref.file):
             return self._zst_tensor_bytes(ref)[start : start + length]
         return memoryview(self._map(ref.file))[ref.offset + start : ref.offset + start + length]
 
     def _zst_tensor_bytes(self, ref: TensorRef) -> memoryview:
-        z = self._zst.get(ref.file)
+        key = ref.file.split(ARCHIVE_SEP, 1)[0]
+        z = self._zst.get(key)
         if z is None:
-            z = self._zst[ref.file] = _ZstFile(ref.file)
+            z = self._zst[key] = _TarZstFile(key) if ARCHIVE_SEP in ref.file else _ZstFile(ref.file)
         return z.tensor_bytes(ref)
 
     def tensor(self, ref: TensorRef) -> torch.Tensor:
@@ -372,7 +474,7 @@ class Reader:
         if ref.nbytes == 0:
             return torch.empty(ref.shape, dtype=tdtype)
         self.bytes_read += ref.nbytes
-        if is_zst(ref.file):
+        if ARCHIVE_SEP in ref.file or is_zst(ref.file):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 flat = torch.frombuffer(self._zst_tensor_bytes(ref), dtype=torch.uint8)
@@ -387,7 +489,7 @@ class Reader:
         source holding several), so RSS stays small; the data stays in the page cache."""
         refs = [src] if isinstance(src, TensorRef) else [v for v in vars(src).values() if isinstance(v, TensorRef)]
         for ref in refs:
-            z = self._zst.get(ref.file)
+            z = self._zst.get(ref.file.split(ARCHIVE_SEP, 1)[0])
             if z is not None:
                 z.drop(ref)
             m = self._maps.get(ref.file)
@@ -490,3 +592,65 @@ def ensure_readable_dir(path: Path, what: str, error_cls: type = AdapterError) -
     if not path.is_dir():
         raise error_cls(f"{path}: {what} directory not found", hint="pass a local directory path")
     return path
+
+
+class _TarZstFile:
+    """Tensors inside a ``.tar.zst`` archive, read by streaming through it: members and offsets are
+    visited in archive order (a step back restarts the stream); one tensor is held at a time."""
+
+    def __init__(self, archive: str):
+        self.archive = archive
+        self._fh = None
+        self._tf = None
+        self._member: str | None = None
+        self._mf = None
+        self.pos = 0
+        self._passed: set[str] = set()
+        self._cur: tuple[str, memoryview] | None = None
+
+    def _reopen(self) -> None:
+        self.close()
+        self._fh = open(self.archive, "rb")  # noqa: SIM115 - held across calls, closed in close()
+        self._tf = _tar_stream(self._fh)
+        self._member, self._mf, self.pos, self._passed = None, None, 0, set()
+
+    def tensor_bytes(self, ref: TensorRef) -> memoryview:
+        member = ref.file.split(ARCHIVE_SEP, 1)[1]
+        if self._cur is not None and self._cur[0] == ref.file + ARCHIVE_SEP + ref.name:
+            return self._cur[1]
+        try:
+            if self._tf is None or member in self._passed or (member == self._member and ref.offset < self.pos):
+                self._reopen()
+            while self._member != member:
+                if self._member is not None:
+                    self._passed.add(self._member)
+                ti = self._tf.next()
+                if ti is None:
+                    raise InputError(f"{self.archive}: member {member!r} not found")
+                if ti.isfile():
+                    self._member, self._mf, self.pos = ti.name, self._tf.extractfile(ti), 0
+            skip = ref.offset - self.pos
+            while skip > 0:
+                got = len(self._mf.read(min(skip, 64 << 20)))
+                if not got:
+                    break
+                skip -= got
+            data = _read_exact(self._mf, ref.nbytes)
+        except Exception as e:  # OSError, EOFError, tarfile.TarError, zstandard.ZstdError
+            if isinstance(e, InputError):
+                raise
+            raise InputError(f"{ref.file}: cannot read {ref.name!r}: {e}") from None
+        if len(data) != ref.nbytes:
+            raise InputError(f"{ref.file}: truncated: {ref.name!r} ends past the end of the member")
+        self.pos = ref.offset + ref.nbytes
+        self._cur = (ref.file + ARCHIVE_SEP + ref.name, memoryview(data))
+        return self._cur[1]
+
+    def drop(self, ref: TensorRef) -> None:
+        if self._cur is not None and self._cur[0] == ref.file + ARCHIVE_SEP + ref.name:
+            self._cur = None
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._fh = self._tf = self._mf = None

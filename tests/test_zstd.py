@@ -86,3 +86,38 @@ def test_corrupt_compressed_base_is_an_error(llama_pair, tmp_path):
     with pytest.raises(InputError, match=shard.name):
         streammerge.merge(zbase, ad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _tar_zst(src, dst, reverse=False):
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for p in sorted(src.iterdir(), reverse=reverse):
+            tf.add(p, arcname=f"{src.name}/{p.name}")
+    dst.write_bytes(zstandard.ZstdCompressor(level=3).compress(buf.getvalue()))
+    return dst
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_tar_zst_checkpoint_archive_is_read_streaming(llama_pair, tmp_path, reverse):
+    """A .tar.zst of a checkpoint directory (members in any order) as BASE, never unpacked to disk."""
+    base, ad = llama_pair
+    ref = tmp_path / "ref"
+    streammerge.merge(base, ad, ref, shard_size="60KB")
+    archive = _tar_zst(base, tmp_path / "base.tar.zst", reverse)
+    out = tmp_path / "out"
+    rep = streammerge.merge(archive, ad, out, shard_size="60KB")
+    assert _model_files(out) == _model_files(ref)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    assert rep.base == str(archive)
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".safetensors"]
+
+
+def test_broken_archive_is_an_error(llama_pair, tmp_path):
+    base, ad = llama_pair
+    archive = _tar_zst(base, tmp_path / "base.tar.zst")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(InputError, match=r"base\.tar\.zst"):
+        streammerge.merge(archive, ad, tmp_path / "out")
