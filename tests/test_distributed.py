@@ -84,3 +84,37 @@ def test_batch_on_local_workers_equals_one_pass(pair, tmp_path):
     assert all(r.status == "ok" for r in one + many)
     for r1, r2 in zip(one, many, strict=True):
         assert _model_files(tmp_path / "one" / r1.name) == _model_files(tmp_path / "many" / r2.name)
+
+
+def test_failed_task_is_retried(pair, tmp_path, monkeypatch):
+    """The driver resubmits a task whose worker failed with an I/O error; the output is unchanged."""
+    import streammerge.distributed as dist
+    from streammerge.errors import OutputError
+
+    base, ad, ref = pair
+    failures = {"left": 2}
+
+    class FlakyPool:
+        def __init__(self, kind, workers, address):
+            pass
+
+        def submit(self, task):
+            return task
+
+        def wait_any(self, pending):
+            return [next(iter(pending))]
+
+        def result(self, task):
+            if failures["left"] and task.shard == 1:
+                failures["left"] -= 1
+                raise OutputError("worker lost its disk")
+            return dist.run_shard(task)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(dist, "_Pool", FlakyPool)
+    out = tmp_path / "out"
+    streammerge.merge(base, ad, out, shard_size="4MB", executor="local", workers=2)
+    assert failures["left"] == 0
+    assert _model_files(out) == _model_files(ref)
