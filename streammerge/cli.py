@@ -454,5 +454,5 @@ def main(argv: list[str] | None = None) -> int:
         log.error(str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
-        log.error("interrupted; nothing was written to the output")
+        log.error("interrupted: nothing was published at the output; rerun with --resume to continue a merge")
         return EXIT_INTERRUPTED
