@@ -194,10 +194,8 @@ def batch(
         ckpt = open_checkpoint(base)
         logical, _ = logical_tensors(ckpt, lambda ref: bytes(reader.raw(ref)))
         for spec in jobs:
-            res = JobResult(spec.name, str(spec.out), "ok")
-            results.append(res)
-            if resume and (spec.out / REPORT_NAME).is_file():
-                res.status = "skipped"
+            res = _start(spec, resume, results)
+            if res.status == "skipped":
                 continue
             try:
                 o = dict(spec.options)
@@ -226,15 +224,21 @@ def batch(
     return results
 
 
+def _start(spec: JobSpec, resume: bool, results: list[JobResult]) -> JobResult:
+    """The result record of a job; ``skipped`` when resuming and its output is complete."""
+    done = resume and (spec.out / REPORT_NAME).is_file()
+    res = JobResult(spec.name, str(spec.out), "skipped" if done else "ok")
+    results.append(res)
+    return res
+
+
 def _batch_distributed(base, jobs, resume, overwrite, device, max_memory, executor, workers, address):
     from .run import merge
 
     results = []
     for spec in jobs:
-        res = JobResult(spec.name, str(spec.out), "ok")
-        results.append(res)
-        if resume and (spec.out / REPORT_NAME).is_file():
-            res.status = "skipped"
+        res = _start(spec, resume, results)
+        if res.status == "skipped":
             continue
         try:
             rep = merge(

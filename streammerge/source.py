@@ -124,6 +124,16 @@ def _read_exact(f, n: int) -> bytes:
     return out
 
 
+def _skip_read(f, skip: int, n: int) -> bytearray:
+    """Discard ``skip`` bytes of a forward-only stream, then read ``n`` (fewer at its end)."""
+    while skip > 0:
+        got = len(f.read(min(skip, 64 << 20)))
+        if not got:
+            break
+        skip -= got
+    return _read_exact(f, n)
+
+
 def _zst_open(path: Path, f, error_cls: type):
     """(decompressed size or None, a stream reader) for a zstd-compressed file."""
     import zstandard
@@ -555,13 +565,7 @@ class _ZstFile:
         if self._stream is None or ref.offset < self.pos:
             self._reopen()
         try:
-            skip = ref.offset - self.pos
-            while skip > 0:
-                got = len(self._stream.read(min(skip, 64 << 20)))
-                if not got:
-                    break
-                skip -= got
-            data = _read_exact(self._stream, ref.nbytes)
+            data = _skip_read(self._stream, ref.offset - self.pos, ref.nbytes)
         except OSError as e:
             raise InputError(f"{self.path}: cannot read {ref.name!r}: {e}") from None
         if len(data) != ref.nbytes:
@@ -629,13 +633,7 @@ class _TarZstFile:
                     raise InputError(f"{self.archive}: member {member!r} not found")
                 if ti.isfile():
                     self._member, self._mf, self.pos = ti.name, self._tf.extractfile(ti), 0
-            skip = ref.offset - self.pos
-            while skip > 0:
-                got = len(self._mf.read(min(skip, 64 << 20)))
-                if not got:
-                    break
-                skip -= got
-            data = _read_exact(self._mf, ref.nbytes)
+            data = _skip_read(self._mf, ref.offset - self.pos, ref.nbytes)
         except Exception as e:  # OSError, EOFError, tarfile.TarError, zstandard.ZstdError
             if isinstance(e, InputError):
                 raise
