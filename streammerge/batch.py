@@ -347,7 +347,7 @@ def _run_pass(active: list[_Active], ckpt, logical, reader: Reader, dev, ws: Wor
 
 def _close_shard(a: _Active, writer: ShardWriter) -> None:
     writer.close()
-    a.journal.record(writer.path.name, writer.path.stat().st_size, writer.sha256)
+    a.journal.record(writer.path.name, writer.path.stat().st_size, writer.checksum)
 
 
 def _ensure_writer(a: _Active, shard_i: int, wt: WriterThread, meta: dict) -> None:
@@ -359,7 +359,7 @@ def _ensure_writer(a: _Active, shard_i: int, wt: WriterThread, meta: dict) -> No
     a.shard_i = shard_i
     try:
         a.writer = ShardWriter(
-            a.work / shard.filename, [o for j in shard.jobs for o in j.outputs], meta, a.opts.compress
+            a.work / shard.filename, [o for j in shard.jobs for o in j.outputs], meta, a.opts.compress, a.opts.checksum
         )
     except StreamMergeError as e:
         _fail(a, e)

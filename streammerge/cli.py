@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     m.add_argument(
+        "--checksum",
+        default="crc32",
+        choices=["crc32", "sha256"],
+        help="per-shard checksum kept in the journal and report (crc32: fast; sha256: as sha256sum prints)",
+    )
+    m.add_argument(
         "--executor",
         default="inprocess",
         choices=["inprocess", "local", "ray"],
@@ -419,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_nonfinite=args.allow_nonfinite,
             resume=args.resume,
             compress=args.compress,
+            checksum=args.checksum,
             executor=args.executor,
             workers=args.workers,
             address=args.address,

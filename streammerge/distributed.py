@@ -3,7 +3,7 @@
 
 The plan makes every output shard independent: a worker re-plans from the same inputs (reading only
 headers), checks that its plan is the driver's (by digest), merges its one shard into the shared work
-directory and returns the file's size and sha256. The driver records each finished shard in the
+directory and returns the file's size and checksum. The driver records each finished shard in the
 journal, retries failed tasks, and writes the index, config and report once all shards are done, so
 the output is byte-identical to a single-process run (tested).
 """
@@ -66,6 +66,7 @@ def run_shard(task: ShardTask) -> dict:
             [o for j in shard.jobs for o in j.outputs],
             {"format": "pt", "streammerge": __version__},
             task.options.compress,
+            task.options.checksum,
         )
         wt = WriterThread(depth=1)
         try:
@@ -82,7 +83,7 @@ def run_shard(task: ShardTask) -> dict:
         return {
             "file": shard.filename,
             "bytes": path.stat().st_size,
-            "sha256": writer.sha256,
+            "checksum": writer.checksum,
             "stage": dict(ex.stage, write=wt.busy),
             "warnings": report.warnings,
             "notes": report.notes,
@@ -195,7 +196,7 @@ def run_shards(
                     log.warning("shard %s failed (%s); retrying", plan.shards[task.shard].filename, e)
                     pending[pool.submit(task)] = task
                     continue
-                journal.record(r["file"], r["bytes"], r["sha256"])
+                journal.record(r["file"], r["bytes"], r["checksum"])
                 for k in ("read", "dequant", "merge", "write"):
                     stats[k] += r["stage"].get(k, 0.0)
                 stats["warnings"] += r["warnings"]

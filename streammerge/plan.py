@@ -192,6 +192,7 @@ class MergeOptions:
     save_method: str = "merged_16bit"
     quant: QuantOut | None = None  # merged_4bit settings for a 16-bit base (None: the input's own)
     compress: int | None = None  # zstd level: write *.safetensors.zst shards (archival)
+    checksum: str = "crc32"  # per-shard checksum in the journal and report: crc32 or sha256
     allow_nonfinite: bool = False
     block_bytes: int = 64 * 1024 * 1024
 

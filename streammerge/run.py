@@ -36,6 +36,7 @@ from .plan import (
     build_plan,
 )
 from .sink import (
+    CHECKSUMS,
     JOURNAL_NAME,
     Journal,
     OutputLock,
@@ -465,6 +466,7 @@ def make_options(
     blocksize: int | None = None,
     double_quant: bool | None = None,
     compress: str | int | None = None,
+    checksum: str = "crc32",
 ) -> MergeOptions:
     """Validated :class:`MergeOptions` from user-facing values. ``compress``: ``zstd[:LEVEL]``."""
     if save_method not in SAVE_METHODS:
@@ -487,7 +489,10 @@ def make_options(
         block_bytes=parse_memory(max_memory),
         quant=qout,
         compress=parse_compress(compress),
+        checksum=checksum,
     )
+    if checksum not in CHECKSUMS:
+        raise InputError(f"unknown checksum {checksum!r}", hint=f"use one of {', '.join(CHECKSUMS)}")
     if opts.compress is not None and save_method == "lora":
         raise InputError("--compress applies to merged outputs, not --save-method lora")
     return opts
@@ -527,6 +532,7 @@ def new_report(base: Path, ads: list[Adapter], out: Path, opts: MergeOptions, pl
             "max_memory": opts.block_bytes,
             "quant": asdict(opts.quant) if opts.quant else None,
             "compress": opts.compress,
+            "checksum": opts.checksum,
         },
         dry_run=dry_run,
         device=str(dev),
@@ -568,6 +574,7 @@ def merge(
     blocksize: int | None = None,
     double_quant: bool | None = None,
     compress: str | None = None,
+    checksum: str = "crc32",
     executor: str = "inprocess",
     workers: int = 2,
     address: str | None = None,
@@ -597,6 +604,7 @@ def merge(
         blocksize,
         double_quant,
         compress,
+        checksum,
     )
     dev = resolve_device(device)
     out = Path(out)
@@ -815,7 +823,7 @@ def finish_output(work, out, plan, aux, report, journal, stage, t0, reader, ws_b
         "total": round(time.perf_counter() - t0, 3),
     }
     for rec in report.shards:
-        rec["sha256"] = journal.shards[rec["file"]]["sha256"]
+        rec["checksum"] = journal.shards[rec["file"]]["checksum"]
     report.work_buffer_bytes = ws_bytes
     report.peak_anon_bytes = max(peak_anon, _anon_bytes())
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -877,7 +885,7 @@ def _execute(
 
     def finish_shard(writer: ShardWriter, filename: str) -> None:
         writer.close()
-        journal.record(filename, writer.path.stat().st_size, writer.sha256)
+        journal.record(filename, writer.path.stat().st_size, writer.checksum)
 
     try:
         for shard in plan.shards:
@@ -885,7 +893,9 @@ def _execute(
                 bar.update(shard.nbytes)
                 report.resumed_shards += 1
                 continue
-            writer = ShardWriter(work / shard.filename, [o for j in shard.jobs for o in j.outputs], meta, opts.compress)
+            writer = ShardWriter(
+                work / shard.filename, [o for j in shard.jobs for o in j.outputs], meta, opts.compress, opts.checksum
+            )
             writers.append(writer)
             for job in shard.jobs:
                 it = ex.blocks(job)

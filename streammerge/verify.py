@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import StreamMergeError
 from .plan import MergeOptions, QuantOut
-from .sink import file_sha256
+from .sink import algo_of, file_checksum
 from .source import Checkpoint, Reader, open_checkpoint, split_adapter_spec
 
 
@@ -63,12 +63,14 @@ def _structure(out: Path, rep: VerifyReport) -> tuple[Checkpoint | None, dict | 
     for extra in sorted(on_disk - set(shards)):
         rep.problems.append(f"{out / extra}: not listed in the report")
     for name in sorted(on_disk & set(shards)):
-        want = shards[name].get("sha256")
+        want = shards[name].get("checksum")
         if want is None:
             continue
         rep.checksums_checked += 1
-        if file_sha256(out / name) != want:
-            rep.problems.append(f"{out / name}: sha256 differs from the report (corrupted or modified)")
+        if file_checksum(out / name, algo_of(want)) != want:
+            rep.problems.append(
+                f"{out / name}: {algo_of(want)} checksum differs from the report (corrupted or modified)"
+            )
     return ckpt, report
 
 

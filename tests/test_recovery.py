@@ -151,10 +151,10 @@ def test_verify_passes_then_catches_flipped_byte_and_missing_shard(mid_pair, tmp
     data[-5] ^= 0x01  # inside the last tensor of that shard
     shard.write_bytes(bytes(data))
     bad = verify(out, base, [ad])
-    assert any("sha256 differs" in p for p in bad.problems)
+    assert any("checksum differs" in p for p in bad.problems)
     assert any("differs from its recomputation" in p for p in bad.problems)
     # structure-only checks (no inputs) still catch it through the checksum
-    assert any("sha256" in p for p in verify(out).problems)
+    assert any("checksum differs" in p for p in verify(out).problems)
     missing = sorted(out.glob("model-*.safetensors"))[0]
     missing.unlink()
     gone = verify(out)
@@ -191,3 +191,14 @@ def test_verify_cli_and_merge_verify(mid_pair, tmp_path):
     (out / "model.safetensors.index.json").write_text("{}")
     r = subprocess.run([sys.executable, "-m", "streammerge", "verify", str(out)], capture_output=True, text=True)
     assert r.returncode == 1 and "FAILED" in r.stdout
+
+
+def test_sha256_checksums_match_sha256sum(llama_pair, tmp_path):
+    import hashlib
+
+    base, ad = llama_pair
+    out = tmp_path / "out"
+    rep = streammerge.merge(base, ad, out, shard_size="60KB", checksum="sha256")
+    for s in rep.shards:
+        assert s["checksum"] == "sha256:" + hashlib.sha256((out / s["file"]).read_bytes()).hexdigest()
+    assert verify(out).ok
