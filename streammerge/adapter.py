@@ -62,7 +62,6 @@ class Adapter:
     base_layer_copies: set[str] = field(default_factory=set)  # replacements saved as ``<m>.base_layer.*``
     tokens: dict[str, TokenDelta] = field(default_factory=dict)
     tensors: dict[str, TensorRef] = field(default_factory=dict)  # every tensor in the file, by key
-    used_keys: set[str] = field(default_factory=set)
 
     @property
     def label(self) -> str:

@@ -20,7 +20,6 @@ EMBEDDING_SUFFIXES = (
     "tok_embeddings.weight",
     "shared.weight",
 )
-OUTPUT_EMBEDDING_NAMES = ("lm_head", "embed_out", "output")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .adapter import Adapter, LoraModule
 from .errors import AdapterError, QuantError
@@ -203,9 +203,6 @@ class MergePlan:
     config: dict
     modules: tuple[ModuleRecord, ...]
     notes: tuple[str, ...] = ()
-    tied: bool = False
-    untied: bool = False
-    used_keys: dict[str, frozenset[str]] = field(default_factory=dict)
     merged_onto: str = "16-bit weights"
 
     @property
@@ -430,7 +427,6 @@ def build_plan(
     records: list[ModuleRecord] = []
     notes: list[str] = []
     untie = False
-    used: dict[str, frozenset[str]] = {}
 
     for ad in adapters:
         mods = list(ad.modules) + list(ad.tokens) + [module_of(n)[0] for n in ad.replacements]
@@ -550,7 +546,6 @@ def build_plan(
             raise AdapterError(
                 f"{ad.weights_file}: {len(unused)} adapter tensor(s) would not be used", details=sorted(unused)
             )
-        used[ad.path] = frozenset(keys)
     for bias_name, items in bias_updates.items():
         for ad, lm in items:
             if lm.bias.shape != shapes[bias_name]:
@@ -684,7 +679,7 @@ def build_plan(
         onto = f"dequantized bitsandbytes 4-bit weights ({n4} tensors)"
     elif n8:
         onto = f"dequantized bitsandbytes 8-bit weights ({n8} tensors)"
-    return MergePlan(shards, config, tuple(records), tuple(notes), tied, untie, used, onto)
+    return MergePlan(shards, config, tuple(records), tuple(notes), onto)
 
 
 def _is_vocab(target: str, embed_key: str | None) -> bool:

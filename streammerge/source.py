@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdapterError, InputError
+from .errors import InputError
 
 #: safetensors dtype name -> (item size in bytes, torch dtype or None when torch lacks it).
 DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
@@ -590,12 +590,6 @@ def split_adapter_spec(spec: str) -> tuple[str, float]:
     if m and not Path(spec).exists():
         return m.group(1), float(m.group(2))
     return spec, 1.0
-
-
-def ensure_readable_dir(path: Path, what: str, error_cls: type = AdapterError) -> Path:
-    if not path.is_dir():
-        raise error_cls(f"{path}: {what} directory not found", hint="pass a local directory path")
-    return path
 
 
 class _TarZstFile:
