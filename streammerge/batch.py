@@ -177,13 +177,16 @@ def batch(
     executor: str = "inprocess",
     workers: int = 2,
     address: str | None = None,
+    direct_io: bool = True,
 ) -> list[JobResult]:
     """Run all ``jobs`` in one pass over ``base``. A failing job is reported and the others go on;
     with ``resume``, jobs whose output is already complete are skipped. With ``executor`` ``local``
     or ``ray`` the jobs run one after another, each one's shards spread over the workers (no shared
     pass: each worker reads the base from shared storage)."""
     if executor != "inprocess":
-        return _batch_distributed(base, jobs, resume, overwrite, device, max_memory, executor, workers, address)
+        return _batch_distributed(
+            base, jobs, resume, overwrite, device, max_memory, executor, workers, address, direct_io
+        )
     base = Path(base)
     dev = resolve_device(device)
     reader = Reader()
@@ -199,7 +202,7 @@ def batch(
                 continue
             try:
                 o = dict(spec.options)
-                opts = make_options(device=device, max_memory=max_memory, **o)
+                opts = make_options(device=device, max_memory=max_memory, direct_io=direct_io, **o)
                 ads = [load_adapter(p, reader, w) for p, w in map(split_adapter_spec, spec.adapters)]
                 plan = build_plan(ckpt, ads, opts, lambda ref: bytes(reader.raw(ref)))
                 check_output(spec.out, [base] + [Path(a.path) for a in ads], overwrite or resume)
@@ -232,7 +235,7 @@ def _start(spec: JobSpec, resume: bool, results: list[JobResult]) -> JobResult:
     return res
 
 
-def _batch_distributed(base, jobs, resume, overwrite, device, max_memory, executor, workers, address):
+def _batch_distributed(base, jobs, resume, overwrite, device, max_memory, executor, workers, address, direct_io):
     from .run import merge
 
     results = []
@@ -251,6 +254,7 @@ def _batch_distributed(base, jobs, resume, overwrite, device, max_memory, execut
                 executor=executor,
                 workers=workers,
                 address=address,
+                direct_io=direct_io,
                 **spec.options,
             )
             res.seconds, res.total_size, res.tensors_merged = rep.seconds["total"], rep.total_size, rep.tensors_merged
@@ -359,7 +363,12 @@ def _ensure_writer(a: _Active, shard_i: int, wt: WriterThread, meta: dict) -> No
     a.shard_i = shard_i
     try:
         a.writer = ShardWriter(
-            a.work / shard.filename, [o for j in shard.jobs for o in j.outputs], meta, a.opts.compress, a.opts.checksum
+            a.work / shard.filename,
+            [o for j in shard.jobs for o in j.outputs],
+            meta,
+            a.opts.compress,
+            a.opts.checksum,
+            a.opts.direct_io,
         )
     except StreamMergeError as e:
         _fail(a, e)

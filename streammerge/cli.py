@@ -37,6 +37,16 @@ examples:
 """
 
 
+def _direct_io_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--direct-io",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write shards with O_DIRECT, past the page cache (default on; falls back to buffered writes "
+        "where the filesystem refuses it)",
+    )
+
+
 def _size_arg(text: str) -> int:
     from .run import parse_size
 
@@ -136,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--verify-sample", type=int, default=32, metavar="N", help="tensors recomputed by --verify (32)")
     m.add_argument("--allow-nonfinite", action="store_true", help="do not fail on NaN/Inf in adapter or output")
+    _direct_io_arg(m)
     _common(m)
 
     b = sub.add_parser(
@@ -166,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--address", help="Ray cluster address")
     b.add_argument("--overwrite", action="store_true", help="replace non-empty job outputs")
+    _direct_io_arg(b)
     _common(b)
 
     v = sub.add_parser(
@@ -352,6 +364,7 @@ def _batch(args, log) -> int:
         executor=args.executor,
         workers=args.workers,
         address=args.address,
+        direct_io=args.direct_io,
     )
     if args.json:
         json.dump(results_json(results), sys.stdout, indent=2)
@@ -426,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             compress=args.compress,
             checksum=args.checksum,
+            direct_io=args.direct_io,
             executor=args.executor,
             workers=args.workers,
             address=args.address,

@@ -67,6 +67,7 @@ def run_shard(task: ShardTask) -> dict:
             {"format": "pt", "streammerge": __version__},
             task.options.compress,
             task.options.checksum,
+            task.options.direct_io,
         )
         wt = WriterThread(depth=1)
         try:

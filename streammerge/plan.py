@@ -195,6 +195,7 @@ class MergeOptions:
     checksum: str = "crc32"  # per-shard checksum in the journal and report: crc32 or sha256
     allow_nonfinite: bool = False
     block_bytes: int = 64 * 1024 * 1024
+    direct_io: bool = True  # write plain shards with O_DIRECT where the filesystem allows it
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from .plan import (
 from .sink import (
     CHECKSUMS,
     JOURNAL_NAME,
+    STAGE_BYTES,
     Journal,
     OutputLock,
     ShardWriter,
@@ -214,6 +215,12 @@ class Executor:
             self.report.warnings.append(f"{ref.name} is all zero: merging it changes nothing")
         return t.to(self.device)
 
+    @property
+    def budget(self) -> int:
+        """Work memory for merge blocks: ``--max-memory`` less the writer's O_DIRECT staging buffer."""
+        staging = STAGE_BYTES if self.opts.direct_io and self.opts.compress is None else 0
+        return max(self.opts.block_bytes - staging, 0)
+
     def bytes_per_element(self, job: TensorJob) -> int:
         """Work memory per weight element while merging a block: the fp32 rows and rounded output in
         each of the rotating write slots, the fp32 delta, and dequantization temporaries."""
@@ -232,7 +239,7 @@ class Executor:
         if len(job.shape) < 2 or job.quant is not None or any(isinstance(u, Dora) for u in job.updates):
             return max(rows, 1)
         per_row = numel(job.shape[1:]) * self.bytes_per_element(job)
-        n = self.opts.block_bytes // max(per_row, 1)
+        n = self.budget // max(per_row, 1)
         return min(rows, max(self._align(job), n // self._align(job) * self._align(job)))
 
     @staticmethod
@@ -306,11 +313,11 @@ class Executor:
         rows = job.shape[0] if job.shape else 1
         step = self._block_rows(job)
         need = step * numel(job.shape[1:]) * self.bytes_per_element(job)
-        if need > self.opts.block_bytes and len(job.shape) >= 2 and step == rows:
+        if need > self.budget and len(job.shape) >= 2 and step == rows:
             why = "merged_4bit re-quantization" if job.quant else "DoRA norms" if job.updates else "this tensor"
             self.report.warnings.append(
                 f"{job.name}: {why} needs the whole tensor at once ({need / 2**20:.0f} MiB of work memory), "
-                f"more than the {self.opts.block_bytes / 2**20:.0f} MiB budget"
+                f"more than the {self.budget / 2**20:.0f} MiB left of the budget"
             )
         r0 = 0
         while r0 < rows:
@@ -467,6 +474,7 @@ def make_options(
     double_quant: bool | None = None,
     compress: str | int | None = None,
     checksum: str = "crc32",
+    direct_io: bool = True,
 ) -> MergeOptions:
     """Validated :class:`MergeOptions` from user-facing values. ``compress``: ``zstd[:LEVEL]``."""
     if save_method not in SAVE_METHODS:
@@ -490,6 +498,7 @@ def make_options(
         quant=qout,
         compress=parse_compress(compress),
         checksum=checksum,
+        direct_io=bool(direct_io),
     )
     if checksum not in CHECKSUMS:
         raise InputError(f"unknown checksum {checksum!r}", hint=f"use one of {', '.join(CHECKSUMS)}")
@@ -533,6 +542,7 @@ def new_report(base: Path, ads: list[Adapter], out: Path, opts: MergeOptions, pl
             "quant": asdict(opts.quant) if opts.quant else None,
             "compress": opts.compress,
             "checksum": opts.checksum,
+            "direct_io": opts.direct_io,
         },
         dry_run=dry_run,
         device=str(dev),
@@ -575,6 +585,7 @@ def merge(
     double_quant: bool | None = None,
     compress: str | None = None,
     checksum: str = "crc32",
+    direct_io: bool = True,
     executor: str = "inprocess",
     workers: int = 2,
     address: str | None = None,
@@ -605,6 +616,7 @@ def merge(
         double_quant,
         compress,
         checksum,
+        direct_io,
     )
     dev = resolve_device(device)
     out = Path(out)
@@ -764,7 +776,7 @@ def fingerprint(ckpt: Checkpoint, ads: list[Adapter], plan: MergePlan, options: 
     return {
         "version": __version__,
         "inputs": ident,
-        "options": {k: v for k, v in options.items() if k not in ("device", "max_memory")},
+        "options": {k: v for k, v in options.items() if k not in ("device", "max_memory", "direct_io")},
         "adapters": [[a.path, a.weight] for a in ads],
         "plan": hashlib.sha256(json.dumps(layout).encode()).hexdigest(),
         "config": hashlib.sha256(json.dumps(plan.config, sort_keys=True).encode()).hexdigest(),
@@ -894,7 +906,12 @@ def _execute(
                 report.resumed_shards += 1
                 continue
             writer = ShardWriter(
-                work / shard.filename, [o for j in shard.jobs for o in j.outputs], meta, opts.compress, opts.checksum
+                work / shard.filename,
+                [o for j in shard.jobs for o in j.outputs],
+                meta,
+                opts.compress,
+                opts.checksum,
+                opts.direct_io,
             )
             writers.append(writer)
             for job in shard.jobs:

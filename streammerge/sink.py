@@ -7,8 +7,10 @@ order, one block at a time; the writer checks that exactly the announced bytes a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import zlib
@@ -18,6 +20,8 @@ from .errors import OutputError
 from .source import DTYPES, numel
 
 HEADER_ALIGN = 8
+DIRECT_ALIGN = 4096  # O_DIRECT: file offsets, lengths and buffer addresses in multiples of this
+STAGE_BYTES = 16 * 1024 * 1024  # the O_DIRECT staging buffer (part of the --max-memory budget)
 
 
 def build_header(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
@@ -35,8 +39,90 @@ def build_header(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[s
     return len(raw).to_bytes(8, "little") + raw
 
 
+class DirectFile:
+    """A write-only file written with ``O_DIRECT``: bytes are gathered in a page-aligned staging
+    buffer and go to the disk in large aligned writes, bypassing the page cache. The last partial
+    block is written after ``O_DIRECT`` is cleared. ``open`` returns None where the filesystem
+    refuses ``O_DIRECT`` (tmpfs, some FUSE), and the caller writes buffered instead."""
+
+    def __init__(self, fd: int, stage_bytes: int = STAGE_BYTES):
+        self._fd = fd
+        self._buf = mmap.mmap(-1, max(DIRECT_ALIGN, stage_bytes // DIRECT_ALIGN * DIRECT_ALIGN))
+        self._mv = memoryview(self._buf)
+        self._fill = 0
+        self._direct = True
+
+    @classmethod
+    def open(cls, path: Path, stage_bytes: int = STAGE_BYTES) -> DirectFile | None:
+        if not hasattr(os, "O_DIRECT"):
+            return None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return None
+            raise
+        return cls(fd, stage_bytes)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        off, size = 0, len(self._mv)
+        while off < mv.nbytes:
+            k = min(mv.nbytes - off, size - self._fill)
+            self._mv[self._fill : self._fill + k] = mv[off : off + k]
+            self._fill += k
+            off += k
+            if self._fill == size:
+                self._drain(size)
+
+    def _drain(self, n: int) -> None:
+        """Write the first ``n`` staged bytes and keep the rest at the front of the buffer."""
+        done = 0
+        while done < n:
+            k = os.write(self._fd, self._mv[done:n])
+            if k <= 0:
+                raise OSError(errno.EIO, "write returned 0")
+            done += k
+            if k % DIRECT_ALIGN and self._direct:  # a short, unaligned write: go on buffered
+                self._buffered()
+        rest = self._fill - n
+        if rest:
+            self._mv[:rest] = self._mv[n : self._fill]
+        self._fill = rest
+
+    def _buffered(self) -> None:
+        import fcntl
+
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._direct = False
+
+    def flush(self) -> None:
+        """Write everything staged: the aligned part directly, the tail buffered."""
+        aligned = self._fill // DIRECT_ALIGN * DIRECT_ALIGN
+        if aligned:
+            self._drain(aligned)
+        if self._fill:
+            if self._direct:
+                self._buffered()
+            self._drain(self._fill)
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
+        try:
+            self._mv.release()
+            self._buf.close()
+        finally:
+            os.close(fd)
+
+
 class ShardWriter:
-    """Streams the tensors of one shard, in the announced order, behind a header written first."""
+    """Streams the tensors of one shard, in the announced order, behind a header written first.
+    Plain shards are written with ``O_DIRECT`` where the filesystem allows it (``direct``)."""
 
     def __init__(
         self,
@@ -45,6 +131,8 @@ class ShardWriter:
         metadata=None,
         zstd_level: int | None = None,
         checksum: str = "crc32",
+        direct: bool = True,
+        stage_bytes: int = STAGE_BYTES,
     ):
         self.path = Path(path)
         self._specs = [(name, numel(shape) * DTYPES[dtype][0]) for name, dtype, shape in specs]
@@ -56,7 +144,9 @@ class ShardWriter:
         self._hash.update(header)
         self._raw = None
         try:
-            self._f = open(self.path, "wb")  # noqa: SIM115 - held open across write() calls
+            direct_file = DirectFile.open(self.path, stage_bytes) if direct and zstd_level is None else None
+            self.direct = direct_file is not None
+            self._f = direct_file or open(self.path, "wb")  # noqa: SIM115 - held open across write() calls
             if zstd_level is not None:
                 import zstandard
 

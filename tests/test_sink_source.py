@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from streammerge.errors import InputError, OutputError
-from streammerge.sink import ShardWriter, build_header
+from streammerge.sink import DirectFile, ShardWriter, build_header
 from streammerge.source import Reader, parse_header
 
 DTYPES = [
@@ -69,6 +71,74 @@ def test_writer_round_trip_with_safe_open(tmp_path):
     for k, v in tensors.items():
         assert bytes(r.raw(h.tensors[k])) == v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     r.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_and_buffered_writers_write_the_same_bytes_as_the_library(tmp_path, direct):
+    # sizes around the 4 KiB alignment and a small staging buffer, so every path of the staging
+    # (fill, drain, carry-over, aligned tail, unaligned tail) is taken
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        f"t{n}": torch.randint(0, 255, (n,), generator=g, dtype=torch.uint8) for n in (4095, 1, 8192, 12289, 0, 4096)
+    }
+    save_file(tensors, tmp_path / "lib.safetensors", metadata={"format": "pt"})
+    specs = [(k, "U8", tuple(v.shape)) for k, v in tensors.items()]
+    mine, buffered = tmp_path / "mine.safetensors", tmp_path / "buffered.safetensors"
+    for path, d in ((mine, direct), (buffered, False)):
+        w = ShardWriter(path, specs, {"format": "pt"}, direct=d, stage_bytes=8192)
+        if d and not w.direct:
+            pytest.skip("this filesystem refuses O_DIRECT")
+        assert w.direct == d
+        for k, v in tensors.items():
+            raw = v.numpy()
+            for i in range(0, len(raw), 3000):
+                w.write(k, raw[i : i + 3000])
+        w.close()
+    assert mine.read_bytes() == buffered.read_bytes()
+    with safe_open(str(mine), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    with safe_open(str(tmp_path / "lib.safetensors"), "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    assert mine.stat().st_size == 8 + len(build_header(specs, {"format": "pt"})) - 8 + sum(map(len, tensors.values()))
+
+
+def test_direct_io_falls_back_where_the_filesystem_refuses_it(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def no_direct(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    w = ShardWriter(tmp_path / "a.safetensors", [("x", "F32", (3,))], direct=True)
+    assert not w.direct
+    w.write("x", torch.arange(3, dtype=torch.float32).numpy())
+    w.close()
+    assert torch.equal(load_file(tmp_path / "a.safetensors")["x"], torch.arange(3, dtype=torch.float32))
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT")
+def test_direct_file_survives_short_writes(tmp_path, monkeypatch):
+    data = os.urandom(3 * 8192 + 100)
+    path = tmp_path / "x.bin"
+    f = DirectFile.open(path, 8192)
+    if f is None:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    real_write = os.write
+    calls = []
+
+    def half(fd, buf):  # the kernel may write less than asked: half, on an aligned boundary
+        calls.append(len(buf))
+        n = len(buf) // 2 // 4096 * 4096 or len(buf)
+        return real_write(fd, memoryview(buf)[:n])
+
+    monkeypatch.setattr(os, "write", half)
+    f.write(data)
+    f.flush()
+    f.close()
+    assert path.read_bytes() == data and len(calls) > 4
 
 
 def test_header_is_padded_and_parses_like_the_library(tmp_path):
