@@ -1,5 +1,5 @@
 """``python -m streammerge``: the same CLI as the ``streammerge`` command."""
 
-from .cli import main
+from .cli import entry
 
-raise SystemExit(main())
+entry()

@@ -14,6 +14,7 @@ import mmap
 import os
 import shutil
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import OutputError
@@ -21,7 +22,7 @@ from .source import DTYPES, numel
 
 HEADER_ALIGN = 8
 DIRECT_ALIGN = 4096  # O_DIRECT: file offsets, lengths and buffer addresses in multiples of this
-STAGE_BYTES = 16 * 1024 * 1024  # the O_DIRECT staging buffer (part of the --max-memory budget)
+STAGE_BYTES = 32 * 1024 * 1024  # the O_DIRECT staging buffers, both halves (part of the --max-memory budget)
 
 
 def build_header(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
@@ -40,17 +41,22 @@ def build_header(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[s
 
 
 class DirectFile:
-    """A write-only file written with ``O_DIRECT``: bytes are gathered in a page-aligned staging
-    buffer and go to the disk in large aligned writes, bypassing the page cache. The last partial
-    block is written after ``O_DIRECT`` is cleared. ``open`` returns None where the filesystem
-    refuses ``O_DIRECT`` (tmpfs, some FUSE), and the caller writes buffered instead."""
+    """A write-only file written with ``O_DIRECT``, past the page cache: bytes are gathered in two
+    page-aligned staging buffers; while one fills, an I/O thread writes the other to the disk in one
+    large aligned write. The last partial block is written after ``O_DIRECT`` is cleared. ``open``
+    returns None where the filesystem refuses ``O_DIRECT`` (tmpfs, some FUSE); the caller then
+    writes buffered."""
 
     def __init__(self, fd: int, stage_bytes: int = STAGE_BYTES):
+        half = max(DIRECT_ALIGN, stage_bytes // 2 // DIRECT_ALIGN * DIRECT_ALIGN)
         self._fd = fd
-        self._buf = mmap.mmap(-1, max(DIRECT_ALIGN, stage_bytes // DIRECT_ALIGN * DIRECT_ALIGN))
-        self._mv = memoryview(self._buf)
+        self._bufs = [mmap.mmap(-1, half) for _ in range(2)]
+        self._mvs = [memoryview(b) for b in self._bufs]
+        self._cur = 0
         self._fill = 0
         self._direct = True
+        self._pending: Future | None = None
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="streammerge-io")
 
     @classmethod
     def open(cls, path: Path, stage_bytes: int = STAGE_BYTES) -> DirectFile | None:
@@ -69,29 +75,34 @@ class DirectFile:
 
     def write(self, data) -> None:
         mv = memoryview(data).cast("B")
-        off, size = 0, len(self._mv)
+        off = 0
         while off < mv.nbytes:
-            k = min(mv.nbytes - off, size - self._fill)
-            self._mv[self._fill : self._fill + k] = mv[off : off + k]
+            buf = self._mvs[self._cur]
+            k = min(mv.nbytes - off, len(buf) - self._fill)
+            buf[self._fill : self._fill + k] = mv[off : off + k]
             self._fill += k
             off += k
-            if self._fill == size:
-                self._drain(size)
+            if self._fill == len(buf):
+                self._wait()
+                self._pending = self._io.submit(self._write_all, buf)
+                self._cur ^= 1
+                self._fill = 0
 
-    def _drain(self, n: int) -> None:
-        """Write the first ``n`` staged bytes and keep the rest at the front of the buffer."""
+    def _wait(self) -> None:
+        """Let the write in flight finish (and raise its error, if it failed)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _write_all(self, mv: memoryview) -> None:
         done = 0
-        while done < n:
-            k = os.write(self._fd, self._mv[done:n])
+        while done < len(mv):
+            k = os.write(self._fd, mv[done:])
             if k <= 0:
                 raise OSError(errno.EIO, "write returned 0")
             done += k
             if k % DIRECT_ALIGN and self._direct:  # a short, unaligned write: go on buffered
                 self._buffered()
-        rest = self._fill - n
-        if rest:
-            self._mv[:rest] = self._mv[n : self._fill]
-        self._fill = rest
 
     def _buffered(self) -> None:
         import fcntl
@@ -101,21 +112,26 @@ class DirectFile:
 
     def flush(self) -> None:
         """Write everything staged: the aligned part directly, the tail buffered."""
-        aligned = self._fill // DIRECT_ALIGN * DIRECT_ALIGN
+        self._wait()
+        buf, n = self._mvs[self._cur], self._fill
+        aligned = n // DIRECT_ALIGN * DIRECT_ALIGN
         if aligned:
-            self._drain(aligned)
-        if self._fill:
+            self._write_all(buf[:aligned])
+        if n > aligned:
             if self._direct:
                 self._buffered()
-            self._drain(self._fill)
+            self._write_all(buf[aligned:n])
+        self._fill = 0
 
     def close(self) -> None:
         if self._fd < 0:
             return
         fd, self._fd = self._fd, -1
+        self._io.shutdown(wait=True)  # the I/O thread may still be reading a buffer
         try:
-            self._mv.release()
-            self._buf.close()
+            for mv, b in zip(self._mvs, self._bufs, strict=True):
+                mv.release()
+                b.close()
         finally:
             os.close(fd)
 
