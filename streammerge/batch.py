@@ -22,6 +22,7 @@ from .plan import build_plan, logical_tensors
 from .run import (
     REPORT_NAME,
     Executor,
+    Prefetcher,
     Workspace,
     WriterThread,
     _aux_files,
@@ -292,8 +293,10 @@ def _run_pass(active: list[_Active], ckpt, logical, reader: Reader, dev, ws: Wor
         a.order = [(i, j) for i, s in enumerate(a.plan.shards) for j in s.jobs]
     names = list(logical) + sorted({j.name for a in active for _, j in a.order} - set(logical))
     meta_for = {"format": "pt", "streammerge": __version__}
+    ahead = Prefetcher(reader, [logical.get(n) for n in names])
     try:
-        for name in names:
+        for i, name in enumerate(names):
+            ahead.advance(i)
             for a in active:
                 if a.failed is not None or a.pos >= len(a.order) or a.order[a.pos][1].name != name:
                     continue

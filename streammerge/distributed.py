@@ -45,7 +45,7 @@ def run_shard(task: ShardTask) -> dict:
     import torch
 
     from . import __version__
-    from .run import Executor, MergeReport, WriterThread, plan_merge, resolve_device
+    from .run import Executor, MergeReport, Prefetcher, WriterThread, plan_merge, resolve_device
     from .sink import ShardWriter
     from .source import Reader
 
@@ -71,7 +71,9 @@ def run_shard(task: ShardTask) -> dict:
         )
         wt = WriterThread(depth=1)
         try:
-            for job in shard.jobs:
+            ahead = Prefetcher(reader, [j.source for j in shard.jobs])
+            for i, job in enumerate(shard.jobs):
+                ahead.advance(i)
                 for name, buf in ex.blocks(job):
                     wt.submit(writer.write, name, buf)
                 wt.submit(reader.release, job.source)

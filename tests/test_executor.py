@@ -145,3 +145,40 @@ def test_max_memory_parsing():
     assert 0 < frac < 2**50
     with pytest.raises(ValueError):
         run_mod.parse_memory("lots")
+
+
+def test_prefetcher_keeps_a_bounded_window_ahead_and_asks_once_per_tensor():
+    from streammerge.source import TensorRef
+
+    class Recorder:
+        def __init__(self):
+            self.asked = []
+
+        def prefetch(self, src):
+            self.asked.append(src)
+
+    sources = [TensorRef(f"t{i}", "f", "BF16", (50,), 0, 100) for i in range(10)]
+    sources.insert(5, None)  # a job with no stored source (nothing to read)
+    rec = Recorder()
+    ahead = run_mod.Prefetcher(rec, sources, window=250)
+    for i in range(len(sources)):
+        ahead.advance(i)
+        pos = [sources.index(r) for r in rec.asked]
+        assert pos == [p for p in range(1, max(pos, default=0) + 1) if p != 5]  # in order, none skipped
+        beyond = sum(100 for p in pos if p > i)
+        left = sum(100 for s in sources[i + 1 :] if s is not None)
+        assert min(250, left) <= beyond < 250 + 100  # at least the window (or all that is left), at most one more
+    assert len(rec.asked) == 9 and len(set(map(id, rec.asked))) == 9  # each once; the first is merged cold
+
+
+def test_reader_prefetch_is_harmless_and_changes_nothing(wide_pair):
+    from streammerge.source import Reader, parse_header
+
+    base = wide_pair[0]
+    data = (base / "model.safetensors").read_bytes()
+    h = parse_header(base / "model.safetensors")
+    r = Reader()
+    for ref in h.tensors.values():
+        r.prefetch(ref)
+        assert bytes(r.raw(ref)) == data[ref.offset : ref.offset + ref.nbytes]
+    r.close()
