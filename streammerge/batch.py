@@ -28,6 +28,7 @@ from .run import (
     _aux_files,
     _open_run,
     _write_lora,
+    drop_behind_if_large,
     fingerprint,
     finish_output,
     make_options,
@@ -196,6 +197,7 @@ def batch(
     ws = Workspace()
     try:
         ckpt = open_checkpoint(base)
+        drop_behind_if_large(reader, ckpt)
         logical, _ = logical_tensors(ckpt, lambda ref: bytes(reader.raw(ref)))
         for spec in jobs:
             res = _start(spec, resume, results)

@@ -45,7 +45,15 @@ def run_shard(task: ShardTask) -> dict:
     import torch
 
     from . import __version__
-    from .run import Executor, MergeReport, Prefetcher, WriterThread, plan_merge, resolve_device
+    from .run import (
+        Executor,
+        MergeReport,
+        Prefetcher,
+        WriterThread,
+        drop_behind_if_large,
+        plan_merge,
+        resolve_device,
+    )
     from .sink import ShardWriter
     from .source import Reader
 
@@ -54,7 +62,8 @@ def run_shard(task: ShardTask) -> dict:
     t0 = time.perf_counter()
     reader = Reader()
     try:
-        _, _, plan = plan_merge(task.base, list(task.adapters), task.options, reader)
+        ckpt, _, plan = plan_merge(task.base, list(task.adapters), task.options, reader)
+        drop_behind_if_large(reader, ckpt)
         if plan_digest(plan) != task.plan_digest:
             raise InputError(f"{task.base}: a worker planned a different output (inputs changed during the run?)")
         shard = plan.shards[task.shard]

@@ -628,6 +628,7 @@ def merge(
         check_output(out, [base] + [Path(a.path) for a in ads], overwrite)
         aux = _aux_files(base, ads, ckpt)
         report = new_report(base, ads, out, opts, plan, dev, dry_run)
+        drop_behind_if_large(reader, ckpt, report.notes)
         free = report.free_disk_bytes
         if dry_run:
             report.seconds = {"total": round(time.perf_counter() - t0, 3)}
@@ -695,6 +696,20 @@ def _write_lora(ad: Adapter, out: Path, reader: Reader, report: MergeReport) -> 
     except BaseException:
         discard_work_dir(work)
         raise
+
+
+def drop_behind_if_large(reader: Reader, ckpt: Checkpoint, notes: list[str] | None = None) -> None:
+    """A base larger than half the RAM cannot stay cached until a next run anyway: drop each tensor's
+    pages from the page cache once it is merged, so the merge does not push out what other programs
+    keep cached (the output bypasses the cache already, with O_DIRECT)."""
+    ram = psutil.virtual_memory().total
+    if ckpt.total_bytes > ram // 2:
+        reader.drop_behind = True
+        if notes is not None:
+            notes.append(
+                f"the base ({ckpt.total_bytes / 1e9:.1f} GB) is larger than half the RAM ({ram / 1e9:.1f} GB): "
+                "its pages leave the page cache as they are merged"
+            )
 
 
 def _existing_parent(p: Path) -> Path:

@@ -441,11 +441,14 @@ class Reader:
     before modifying (torch cannot mark a tensor read-only, so this is a rule of this package).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, drop_behind: bool = False) -> None:
         self._zst: dict[str, _ZstFile] = {}
         self._maps: dict[str, mmap.mmap] = {}
+        self._fds: dict[str, int] = {}
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         self.bytes_read = 0
+        #: also drop finished tensors from the page cache (for a base larger than the RAM could cache)
+        self.drop_behind = drop_behind
 
     def register_pickled(self, file: str, tensors: dict[str, torch.Tensor]) -> None:
         self._pickled[file] = tensors
@@ -456,9 +459,11 @@ class Reader:
             fd = os.open(file, os.O_RDONLY)
             try:
                 m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
             self._maps[file] = m
+            self._fds[file] = fd
         return m
 
     def raw(self, ref: TensorRef, start: int = 0, length: int | None = None) -> memoryview:
@@ -514,7 +519,8 @@ class Reader:
 
     def release(self, src) -> None:
         """Drop this process's page mappings of a finished tensor (``src``: a TensorRef or a plan
-        source holding several), so RSS stays small; the data stays in the page cache."""
+        source holding several), so RSS stays small. The data stays in the page cache, unless
+        ``drop_behind``: then it leaves the cache too (``POSIX_FADV_DONTNEED``)."""
         for ref in _refs_of(src):
             z = self._zst.get(ref.file.split(ARCHIVE_SEP, 1)[0])
             if z is not None:
@@ -527,7 +533,9 @@ class Reader:
             if end > start:
                 try:
                     m.madvise(mmap.MADV_DONTNEED, start, end - start)
-                except (OSError, ValueError):
+                    if self.drop_behind:
+                        os.posix_fadvise(self._fds[ref.file], start, end - start, os.POSIX_FADV_DONTNEED)
+                except (OSError, ValueError, AttributeError):
                     pass
 
     def close(self) -> None:
@@ -537,6 +545,9 @@ class Reader:
             except BufferError:
                 pass  # a view is still alive; the map is released with it
         self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._pickled.clear()
         for z in self._zst.values():
             z.close()

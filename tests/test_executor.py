@@ -182,3 +182,30 @@ def test_reader_prefetch_is_harmless_and_changes_nothing(wide_pair):
         r.prefetch(ref)
         assert bytes(r.raw(ref)) == data[ref.offset : ref.offset + ref.nbytes]
     r.close()
+
+
+def test_a_base_larger_than_half_the_ram_leaves_the_page_cache_as_it_is_merged(tmp_path, wide_pair, monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    base, _, _, lora = wide_pair
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    save_file({k: v for k, v in lora.items() if ".conv." not in k}, ad / "adapter_model.safetensors")
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["up_proj", "embed_tokens"]}
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    ref = streammerge.merge(base, ad, tmp_path / "ref", progress=False)
+    dropped = []
+    real = os.posix_fadvise
+
+    def record(fd, off, n, advice):
+        dropped.append((os.readlink(f"/proc/self/fd/{fd}"), n, advice))
+        return real(fd, off, n, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    monkeypatch.setattr(run_mod.psutil, "virtual_memory", lambda: SimpleNamespace(total=2 * 2**20, available=2**20))
+    rep = streammerge.merge(base, ad, tmp_path / "out", progress=False)
+    assert any("larger than half the RAM" in n for n in rep.notes) and not any("larger" in n for n in ref.notes)
+    assert {p for p, _, a in dropped if a == os.POSIX_FADV_DONTNEED} == {str((base / "model.safetensors").resolve())}
+    assert sum(n for _, n, _ in dropped) >= 0.99 * rep.total_size  # every merged tensor's pages
+    assert (tmp_path / "out/model.safetensors").read_bytes() == (tmp_path / "ref/model.safetensors").read_bytes()
