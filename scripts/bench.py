@@ -1,9 +1,12 @@
 """Benchmark: streammerge vs PEFT's in-memory merge vs a plain copy of the base (the disk's floor).
 
-Each tool runs in its own subprocess, one after the other, on the same cached checkpoint with the
-page cache warmed the same way (the base files are read once before each run). Reported per tool:
-wall time, peak RSS (the kernel's VmHWM) and peak anonymous memory (RssAnon, sampled every 20 ms),
-and the ratios between tools. Not a test: run it with ``make bench`` or directly.
+Each tool runs in its own subprocess on the same checkpoint with the page cache prepared the same
+way: warm (the base files are read once before each run) or, with ``--cache cold``, evicted (as when
+the base is larger than RAM). With ``--repeat N`` the tools take turns, N rounds, so that drift in
+the disk's speed hits all of them alike; the median is reported. Reported per tool: wall time, peak
+RSS (the kernel's VmHWM) and peak anonymous memory (RssAnon, sampled every 20 ms), the ratios between
+tools, and the fixed start-up (python + imports) measured on its own. Not a test: run it with
+``make bench`` or directly.
 
     python scripts/bench.py                       # the 1.7 GB Llama-shaped model of issue #2
     python scripts/bench.py --sizes small,default,large --skip-peft --plot docs/bench.png
@@ -37,7 +40,6 @@ PRESETS = {
     "large": (4096, 11008, 18, 32, 8, 32000, 8),
     "70b-slice": (8192, 28672, 2, 64, 8, 128256, 4),
 }
-STARTUP_S = 2.0  # python + import torch on the reference machine, measured separately
 PEFT_SNIPPET = """
 import sys, torch
 from transformers import AutoModelForCausalLM
@@ -102,7 +104,7 @@ def _status(pid: int) -> dict[str, int]:
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
-    """Wall time, peak RSS (VmHWM) and peak sampled RssAnon of one subprocess."""
+    """Wall time, peak RSS (VmHWM) and peak sampled RssAnon of one subprocess (its stdout is dropped)."""
     peak = {"VmHWM": 0, "RssAnon": 0}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -125,11 +127,25 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, i
     return wall, peak["VmHWM"], peak["RssAnon"]
 
 
+def startup_seconds(repeat: int = 3) -> float:
+    """The fixed cost of a streammerge run: starting python and importing the package (and torch);
+    like the CLI, it skips the interpreter's teardown."""
+    runs = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import os, streammerge.run; os._exit(0)"], check=True)
+        runs.append(time.perf_counter() - t)
+    return statistics.median(runs)
+
+
 def bench_tool(
-    tool: str, base: Path, ad: Path, out: Path, extra: list[str], prlimit: str | None = None
+    tool: str, base: Path, ad: Path, out: Path, extra: list[str], prlimit: str | None = None, cache: str = "warm"
 ) -> tuple[float, int, int]:
     shutil.rmtree(out, ignore_errors=True)
+    subprocess.run(["sync"], check=True)  # the previous run's deletions and writes settle first
     warm(base)
+    if cache == "cold":
+        evict(base)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     if tool == "streammerge":
         cmd = [
@@ -148,7 +164,16 @@ def bench_tool(
         res = run_measured(cmd, env)
     elif tool == "peft":
         res = run_measured([sys.executable, "-c", PEFT_SNIPPET, str(base), str(ad), str(out)], env)
-    else:  # cp + sync: the disk's floor
+    elif tool == "dd-direct":  # the same files copied past the page cache, as streammerge writes
+        out.mkdir(parents=True)
+        t0 = time.perf_counter()
+        rss = anon = 0
+        for p in sorted(base.iterdir()):
+            _, r, a = run_measured(["dd", f"if={p}", f"of={out / p.name}", "bs=16M", "oflag=direct", "status=none"])
+            rss, anon = max(rss, r), max(anon, a)
+        subprocess.run(["sync"], check=True)
+        res = (time.perf_counter() - t0, rss, anon)
+    else:  # cp + sync: the disk's floor through the page cache
         out.mkdir(parents=True)
         files = [str(p) for p in sorted(base.iterdir())]
         t0 = time.perf_counter()
@@ -159,14 +184,13 @@ def bench_tool(
     return res
 
 
-def projection_70b(r: Result) -> str:
+def projection_70b(r: Result, startup: float) -> str:
     """Full Llama-3-70B (80 layers) time from the 2-layer slice: the pipeline's cost is linear in bytes
-    (see the size sweep), so scale the slice's merge time (less interpreter start-up) by bytes."""
+    (see the size sweep), so scale the slice's merge time (less the measured start-up) by bytes."""
     hidden, inter, _, heads, kv, vocab, _ = PRESETS["70b-slice"]
     head_dim = hidden // heads
     layer = 2 * (hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2 + 3 * hidden * inter + 2 * hidden)
     full = 80 * layer + 2 * 2 * vocab * hidden + 2 * hidden
-    startup = STARTUP_S
     scale = full / r.model_bytes
     est = startup + (r.wall_s - startup) * scale
     return (
@@ -234,19 +258,17 @@ def fmt_gib(n: int) -> str:
 
 def table(results: list[Result]) -> str:
     lines = [
-        "| model | tool | wall s | peak RSS GiB | peak anon GiB | wall / cp+sync | wall / PEFT |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | tool | wall s | peak RSS GiB | peak anon GiB | wall / cp+sync | wall / dd-direct | wall / PEFT |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for size in dict.fromkeys(r.size for r in results):
         rows = [r for r in results if r.size == size]
-        cp = next((r for r in rows if r.tool == "cp+sync"), None)
-        peft = next((r for r in rows if r.tool == "peft"), None)
+        ref = {t: next((r for r in rows if r.tool == t), None) for t in ("cp+sync", "dd-direct", "peft")}
         for r in rows:
-            vs_cp = f"{r.wall_s / cp.wall_s:.2f}x" if cp else "-"
-            vs_peft = f"{r.wall_s / peft.wall_s:.2f}x" if peft else "-"
+            ratios = " | ".join(f"{r.wall_s / x.wall_s:.2f}x" if x else "-" for x in ref.values())
             lines.append(
                 f"| {size} ({r.model_bytes / 1e9:.2f} GB) | {r.tool} | {r.wall_s:.2f} | {fmt_gib(r.peak_rss)} | "
-                f"{fmt_gib(r.peak_anon)} | {vs_cp} | {vs_peft} |"
+                f"{fmt_gib(r.peak_anon)} | {ratios} |"
             )
     return "\n".join(lines)
 
@@ -287,7 +309,8 @@ def plot(results: list[Result], path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="default", help=f"comma-separated presets: {', '.join(PRESETS)}")
-    p.add_argument("--repeat", type=int, default=1, help="runs per tool; the median is reported")
+    p.add_argument("--repeat", type=int, default=1, help="rounds (the tools take turns); the median is reported")
+    p.add_argument("--cache", choices=["warm", "cold"], default="warm", help="base in the page cache or evicted")
     p.add_argument("--skip-peft", action="store_true", help="skip PEFT's in-memory merge (slow, needs RAM)")
     p.add_argument("--peft-sizes", default="", help="presets on which to run PEFT (default: all benched)")
     p.add_argument("--json", type=Path, help="write all numbers to this JSON file")
@@ -301,29 +324,34 @@ def main() -> int:
     peft_sizes = set(args.peft_sizes.split(",")) if args.peft_sizes else None
     for size in args.sizes.split(","):
         base, ad = build(size)
-        tools = ["cp+sync", "streammerge"]
+        tools = ["cp+sync", "dd-direct", "streammerge"]
         if not args.skip_peft and (peft_sizes is None or size in peft_sizes):
             tools.append("peft")
-        for tool in tools:
-            runs = []
-            for _ in range(args.repeat):
-                runs.append(bench_tool(tool, base, ad, args.out_dir / tool, args.streammerge_args, args.prlimit))
-                print(f"  {size} {tool}: {runs[-1][0]:.2f}s", file=sys.stderr, flush=True)
-            wall = statistics.median(r[0] for r in runs)
-            results.append(
-                Result(tool, size, model_bytes(base), wall, max(r[1] for r in runs), max(r[2] for r in runs))
-            )
+        runs: dict[str, list] = {tool: [] for tool in tools}
+        for _ in range(args.repeat):
+            for tool in tools:
+                res = bench_tool(tool, base, ad, args.out_dir / tool, args.streammerge_args, args.prlimit, args.cache)
+                runs[tool].append(res)
+                print(f"  {size} {tool}: {res[0]:.2f}s", file=sys.stderr, flush=True)
+        for tool, rs in runs.items():
+            wall = statistics.median(r[0] for r in rs)
+            results.append(Result(tool, size, model_bytes(base), wall, max(r[1] for r in rs), max(r[2] for r in rs)))
     import torch
+
+    startup = startup_seconds()
 
     print(
         f"machine: {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-        f"{platform.python_implementation()} {platform.python_version()}, torch {torch.__version__}; warm page cache"
+        f"{platform.python_implementation()} {platform.python_version()}, torch {torch.__version__}; "
+        f"{args.cache} page cache; median of {args.repeat}; start-up (python + import) {startup:.2f} s"
     )
     print(table(results))
     for size in dict.fromkeys(r.size for r in results):
         by = {r.tool: r for r in results if r.size == size}
         sm = by["streammerge"]
         line = f"{size}: streammerge / cp+sync = {sm.wall_s / by['cp+sync'].wall_s:.2f}x"
+        if "dd-direct" in by:
+            line += f", / dd-direct = {sm.wall_s / by['dd-direct'].wall_s:.2f}x"
         if "peft" in by:
             line += (
                 f"; PEFT / streammerge = {by['peft'].wall_s / sm.wall_s:.1f}x faster; "
@@ -332,11 +360,12 @@ def main() -> int:
         print(line)
     for r in results:
         if r.size == "70b-slice" and r.tool == "streammerge":
-            print(projection_70b(r))
+            print(projection_70b(r, startup))
     if args.batch:
         print(bench_batch(args.sizes.split(",")[0], args.batch, args.out_dir / "batch"))
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        doc = {"cache": args.cache, "repeat": args.repeat, "startup_s": round(startup, 3)}
+        args.json.write_text(json.dumps({**doc, "results": [asdict(r) for r in results]}, indent=2))
     if args.plot:
         plot(results, args.plot)
         print(f"plot: {args.plot}")

@@ -19,18 +19,6 @@ INT8_SCALE = 7.874015718698502e-3
 QUANT_STATE_BYTES = 512  # the packed quant_state JSON is space-padded to this length when we write it
 
 
-def unpack_codes(packed: torch.Tensor, e0: int, e1: int, device: torch.device | None = None) -> torch.Tensor:
-    """4-bit codes of elements ``[e0, e1)`` from bytes holding two codes each, high nibble first;
-    only those bytes are moved to ``device``."""
-    b0, b1 = e0 // 2, (e1 + 1) // 2
-    raw = packed[b0:b1].to(device=device or packed.device, dtype=torch.int32)
-    codes = torch.empty(raw.numel() * 2, dtype=torch.int64, device=raw.device)
-    codes[0::2] = raw >> 4
-    codes[1::2] = raw & 0xF
-    start = e0 - 2 * b0
-    return codes[start : start + (e1 - e0)]
-
-
 def dequantize_absmax(
     absmax_u8: torch.Tensor,
     nested_absmax: torch.Tensor,
@@ -54,10 +42,26 @@ def dequantize_4bit_range(
     e1: int,
     device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Elements ``[e0, e1)`` of a 4-bit tensor, dequantized to fp32: ``code[q] * absmax[i // blocksize]``."""
-    q = unpack_codes(packed, e0, e1, device or absmax.device)
-    blocks = torch.arange(e0, e1, device=q.device) // blocksize
-    return code.float()[q] * absmax[blocks]
+    """Elements ``[e0, e1)`` of a 4-bit tensor, dequantized to fp32: ``code[q] * absmax[i // blocksize]``.
+
+    Each byte holds two codes, high nibble first; a 256-entry table gives both values of a byte in one
+    lookup, and the block scale is applied by broadcasting over ``[blocks, blocksize]``. Only the bytes
+    of the range move to ``device``."""
+    dev = device or absmax.device
+    b0, b1 = e0 // 2, (e1 + 1) // 2
+    c = code.to(dev, torch.float32)
+    pairs = torch.stack([c.repeat_interleave(16), c.repeat(16)], dim=1)  # byte -> (code[hi], code[lo])
+    raw = packed[b0:b1].to(dev, torch.int32)
+    vals = pairs.index_select(0, raw).reshape(-1)
+    start = e0 - 2 * b0
+    vals = vals[start : start + (e1 - e0)]
+    k0 = e0 // blocksize
+    if e0 % blocksize == 0 and (e1 - e0) % blocksize == 0:
+        scale = absmax[k0 : e1 // blocksize].view(-1, 1)
+        return vals.view(-1, blocksize).mul_(scale).view(-1)
+    k1 = (e1 - 1) // blocksize + 1
+    scale = absmax[k0:k1].repeat_interleave(blocksize)[e0 - k0 * blocksize :][: e1 - e0]
+    return vals.mul_(scale)
 
 
 def dequantize_int8_rows(cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:

@@ -228,7 +228,7 @@ class Executor:
         out_size = DTYPES[job.dtype][0]
         cost = (WRITE_QUEUE + 2) * (4 + (0 if out_size == 4 else out_size)) + 4
         if isinstance(job.source, Quant4Source):
-            cost += 8 + 8 + 4 + 2  # int64 codes and block indices, fp32 values, the rounded copy
+            cost += 2 + 4 + 4 + 2  # int32 byte indices, fp32 values, fp32 scales (unaligned), the rounded copy
         elif isinstance(job.source, Int8Source):
             cost += 4
         elif job.source.dtype != job.dtype:
