@@ -408,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="streammerge: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
     log = logging.getLogger("streammerge")
+    if not args.verbose:  # bitsandbytes logs optional-kernel notices at WARNING on import
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)  # a polite kill stops like Ctrl-C: resumable, exit 130
     try:

@@ -97,10 +97,16 @@ def parse_quant_state(raw: bytes, where: str) -> dict:
 
 
 def quantize_4bit(
-    w: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool, storage: torch.dtype = torch.uint8
+    w: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    double_quant: bool,
+    storage: torch.dtype = torch.uint8,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Quantize with bitsandbytes; returns the packed weight and the companion tensors keyed by suffix
-    (``absmax``, ``quant_map``, ``nested_*``, ``quant_state.bitsandbytes__<type>``), JSON space-padded."""
+    (``absmax``, ``quant_map``, ``nested_*``, ``quant_state.bitsandbytes__<type>``), JSON space-padded.
+    ``dtype``: the weight's dtype recorded in the state when ``w`` holds its values in another one."""
     try:
         import bitsandbytes.functional as bnbf
     except ImportError as e:
@@ -112,6 +118,8 @@ def quantize_4bit(
         quant_type=quant_type,
         quant_storage=storage,
     )
+    if dtype is not None:
+        state.dtype = dtype
     parts = state.as_dict(packed=True)
     key = next(k for k in parts if k.startswith("quant_state."))
     raw = bytes(parts[key].cpu().numpy())

@@ -312,6 +312,17 @@ def test_merged_4bit_from_16bit_base_with_flags(q_models, tmp_path):
     st = read_dir(out)
     state = json.loads(bytes(st["model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__fp4"].numpy()))
     assert state["blocksize"] == 128 and state["shape"] == [64, 96]
+    assert state["dtype"] == "bfloat16"  # the weight's dtype, though bitsandbytes was handed fp32 values
+
+
+def test_whole_tensor_budget_warnings_are_one_per_cause(q_models, tmp_path):
+    rep = streammerge.merge(
+        q_models["b16"], q_models["ad"], tmp_path / "o", save_method="merged_4bit", max_memory="32MiB"
+    )
+    over = [w for w in rep.warnings if "whole tensors at once" in w]
+    n_quantized = sum(1 for k in read_dir(tmp_path / "o") if k.endswith(".quant_state.bitsandbytes__nf4"))
+    assert len(over) == 1 and over[0].startswith("merged_4bit re-quantization")
+    assert f": {n_quantized} tensor(s)" in over[0] and "MiB left of the budget" in over[0]
 
 
 def test_save_method_lora_round_trips_bin_adapter(q_models, tmp_path):
