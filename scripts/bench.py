@@ -204,6 +204,7 @@ def evict(base: Path) -> None:
     """Drop the base from the page cache (as if it were far larger than RAM)."""
     for p in base.glob("*.safetensors"):
         fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)  # dirty pages cannot be evicted
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
 

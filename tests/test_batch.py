@@ -63,6 +63,7 @@ def test_base_is_read_from_storage_once(runs, tmp_path):
     root, base = runs
     for f in base.glob("*.safetensors"):
         fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)  # dirty pages (the fixture just wrote them) cannot be evicted
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
 
