@@ -16,7 +16,7 @@ def lowrank_delta(
     ``out`` (not transposed only) receives the result in place: same kernels, same bits."""
     if out is not None and not transposed:
         torch.matmul(b.float(), a.float(), out=out)
-        return out.mul_(scaling)
+        return out.mul_(scaling) if scaling != 1.0 else out  # x * 1.0 is x, bit for bit
     d = b.float() @ a.float()
     if transposed:
         d = d.T

@@ -70,6 +70,15 @@ def test_qwen2_fp16_bias_rslora_patterns(tmp_path):
     assert by["model.layers.0.self_attn.v_proj"]["scaling"] == pytest.approx(3.5 / 8**0.5)
 
 
+def test_scaling_of_one_matches_peft(tmp_path):
+    """lora_alpha == r: the delta is not multiplied at all (x * 1.0 is x); still PEFT's bits."""
+    model = build_model("llama", torch.bfloat16)
+    base = save_base(model, tmp_path / "base")
+    adapter = build_adapter(model, tmp_path / "ad", r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    report, _, _ = merge_and_compare(tmp_path, base, adapter, torch.bfloat16)
+    assert {m["scaling"] for m in report.modules} == {1.0}
+
+
 def test_qwen2_lora_bias(tmp_path):
     model = build_model("qwen2", torch.float32)
     base = save_base(model, tmp_path / "base")
