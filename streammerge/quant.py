@@ -104,20 +104,31 @@ def quantize_4bit(
     storage: torch.dtype = torch.uint8,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Quantize with bitsandbytes; returns the packed weight and the companion tensors keyed by suffix
-    (``absmax``, ``quant_map``, ``nested_*``, ``quant_state.bitsandbytes__<type>``), JSON space-padded.
-    ``dtype``: the weight's dtype recorded in the state when ``w`` holds its values in another one."""
+    """Quantize as bitsandbytes' ``quantize_4bit`` does; returns the packed weight and the companion
+    tensors keyed by suffix (``absmax``, ``quant_map``, ``nested_*``, ``quant_state.bitsandbytes__<type>``),
+    JSON space-padded. ``dtype``: the weight's dtype recorded in the state when ``w`` holds its values
+    in another one. On the CPU the codes come from :func:`quantize_4bit_codes`; elsewhere from
+    bitsandbytes' own kernel."""
     try:
         import bitsandbytes.functional as bnbf
     except ImportError as e:
         raise QuantError("--save-method merged_4bit needs bitsandbytes", hint="pip install 'streammerge[bnb]'") from e
-    packed, state = bnbf.quantize_4bit(
-        w.contiguous(),
-        blocksize=blocksize,
-        compress_statistics=double_quant,
-        quant_type=quant_type,
-        quant_storage=storage,
-    )
+    w = w.contiguous()
+    if w.device.type != "cpu":
+        packed, state = bnbf.quantize_4bit(
+            w, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type, quant_storage=storage
+        )
+    else:  # bitsandbytes.functional.quantize_4bit, with the codes from the faster equivalent kernel
+        code = bnbf.get_4bit_type(quant_type, device=w.device)
+        packed, absmax = quantize_4bit_codes(w, code, blocksize, quant_type != "nf4", storage)
+        extra = {}
+        if double_quant:
+            offset = absmax.mean()
+            absmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+            extra = {"offset": offset, "state2": state2}
+        state = bnbf.QuantState(
+            absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, code=code, quant_type=quant_type, **extra
+        )
     if dtype is not None:
         state.dtype = dtype
     parts = state.as_dict(packed=True)
@@ -127,3 +138,42 @@ def quantize_4bit(
         raise QuantError(f"quant_state JSON is {len(raw)} bytes, more than {QUANT_STATE_BYTES}")
     parts[key] = torch.frombuffer(bytearray(raw.ljust(QUANT_STATE_BYTES, b" ")), dtype=torch.uint8)
     return packed, {k: v.cpu().contiguous() for k, v in parts.items()}
+
+
+def quantize_4bit_codes(
+    a: torch.Tensor, code: torch.Tensor, blocksize: int, reorder: bool, storage: torch.dtype = torch.uint8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' CPU 4-bit quantization kernel, operation for operation: blockwise absmax, scale
+    by its reciprocal (the last partial block: divide), clamp to [-1, 1], code index by the midpoints
+    between sorted codes, two codes per byte, high nibble first. Its binary search
+    (``torch.bucketize``, two thirds of its time) is replaced by counting the midpoints below each
+    value, which is the same index (``bucketize`` with ``right=False``) in half the time. Returns the
+    packed ``[n/2, 1]`` bytes (viewed as ``storage``) and the fp32 absmax per block."""
+    order = torch.argsort(code)
+    bounds = ((code[order[:-1]] + code[order[1:]]) / 2).tolist()
+    flat = a.reshape(-1).float()
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    blocks = flat[:full].reshape(full // blocksize, blocksize)
+    absmax = blocks.abs().max(dim=-1)[0]
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        am = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    q = torch.gt(scaled, bounds[0]).to(torch.uint8)
+    above = torch.empty(scaled.shape, dtype=torch.bool)
+    for b in bounds[1:]:
+        q.add_(torch.gt(scaled, b, out=above))
+    nan = torch.isnan(scaled)
+    if bool(nan.any()):  # bucketize puts NaN after every boundary
+        q[nan] = len(bounds)
+    if reorder:  # fp4's codes are not sorted: map the sorted position back to the code index
+        q = order.to(torch.uint8)[q.long()]
+    packed = ((q[::2] << 4) | q[1::2]).unsqueeze(1)
+    if storage != torch.uint8:
+        packed = packed.squeeze().view(storage).unsqueeze(1)
+    return packed, absmax

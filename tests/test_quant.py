@@ -361,3 +361,45 @@ def test_quantized_checkpoint_missing_piece(q_models, tmp_path):
     save_file(sd, base / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(streammerge.QuantError, match=r"down_proj\.weight"):
         streammerge.merge(base, q_models["ad"], tmp_path / "out")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double", [True, False])
+@pytest.mark.parametrize(
+    ("n", "blocksize", "storage"),
+    [
+        (64 * 96, 64, torch.uint8),
+        (1000 * 33 + 7, 128, torch.uint8),
+        (3 * 4096 + 64, 4096, torch.bfloat16),
+        (304, 32, torch.float32),
+    ],
+)
+def test_quantize_4bit_equals_bitsandbytes(quant_type, double, n, blocksize, storage):
+    """Our CPU kernel (bucketize replaced by counting) gives bitsandbytes' bytes, ties and specials included."""
+    g = torch.Generator().manual_seed(n + blocksize)
+    w = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16).float()
+    w[:blocksize] = 0.0  # an all-zero block
+    w[blocksize : blocksize + 5] = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e-40, -0.0])
+    code = bnbf.get_4bit_type(quant_type, device="cpu")
+    mids = (code[torch.argsort(code)][:-1] + code[torch.argsort(code)][1:]) / 2
+    w[2 * blocksize : 3 * blocksize] = 0.0
+    w[2 * blocksize : 2 * blocksize + 15] = mids  # values exactly on the boundaries (ties)
+    w[2 * blocksize + 15] = 1.0  # this block's absmax: the scaled values are the values themselves
+    ours, ours_parts = quant.quantize_4bit(
+        w.view(1, -1) if n % 2 else w.view(2, -1), blocksize, quant_type, double, storage
+    )
+    ref, state = bnbf.quantize_4bit(
+        w.view(1, -1) if n % 2 else w.view(2, -1),
+        blocksize=blocksize,
+        compress_statistics=double,
+        quant_type=quant_type,
+        quant_storage=storage,
+    )
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    assert torch.equal(ours.view(torch.uint8), ref.view(torch.uint8))
+    ref_parts = state.as_dict(packed=True)
+    for k, v in ref_parts.items():
+        if k.startswith("quant_state."):
+            assert bytes(ours_parts[k].numpy()).rstrip(b" ") == bytes(v.numpy())
+        else:
+            assert torch.equal(ours_parts[k].view(torch.uint8), v.contiguous().view(torch.uint8)), k
