@@ -97,7 +97,13 @@ class DirectFile:
     def _write_all(self, mv: memoryview) -> None:
         done = 0
         while done < len(mv):
-            k = os.write(self._fd, mv[done:])
+            try:
+                k = os.write(self._fd, mv[done:])
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self._direct:
+                    raise
+                self._buffered()  # the device wants a larger alignment than ours: write buffered
+                continue
             if k <= 0:
                 raise OSError(errno.EIO, "write returned 0")
             done += k

@@ -211,3 +211,26 @@ def test_header_validation_names_the_file(tmp_path, case):
     with pytest.raises(InputError) as e:
         parse_header(p)
     assert msg in str(e.value) and str(p) in str(e.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT")
+def test_direct_file_goes_buffered_when_the_device_refuses_the_alignment(tmp_path, monkeypatch):
+    import fcntl
+
+    data = os.urandom(5 * 8192 + 7)
+    path = tmp_path / "x.bin"
+    f = DirectFile.open(path, 16384)
+    if f is None:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    real_write = os.write
+
+    def picky(fd, buf):  # as a device with a logical block larger than 4 KiB would
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, buf)
+
+    monkeypatch.setattr(os, "write", picky)
+    f.write(data)
+    f.flush()
+    f.close()
+    assert path.read_bytes() == data
