@@ -371,9 +371,11 @@ class Digest:
 def file_checksum(path: Path, algo: str, chunk: int = 64 << 20) -> str:
     """``ALGO:HEX`` of a file's bytes."""
     h = Digest(algo)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    buf = bytearray(chunk)  # one buffer for the whole file: no fresh pages per chunk
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
