@@ -35,10 +35,11 @@ from .run import (
     new_report,
     resolve_device,
 )
-from .sink import OutputLock, ShardWriter, check_output, discard_work_dir
+from .sink import STAGE_BYTES, OutputLock, ShardWriter, check_output, discard_work_dir
 from .source import Reader, open_checkpoint, split_adapter_spec
 
 log = logging.getLogger("streammerge")
+MIN_STAGE_BYTES = 2 * 1024 * 1024  # per job writer in a batch: two 1 MiB halves
 JOB_OPTIONS = (
     "dtype",
     "shard_size",
@@ -166,6 +167,7 @@ class _Active:
     failed: BaseException | None = None
     t0: float = 0.0
     compute: float = 0.0
+    stage_bytes: int = STAGE_BYTES  # this job's share of the writers' O_DIRECT staging
 
 
 def batch(
@@ -287,6 +289,8 @@ def _guarded(a: _Active, fn, *args) -> None:
 def _run_pass(active: list[_Active], ckpt, logical, reader: Reader, dev, ws: Workspace) -> None:
     wt = WriterThread(depth=1)
     for a in active:
+        # the jobs' writers share one staging budget, the one a single merge's writer has
+        a.stage_bytes = max(MIN_STAGE_BYTES, STAGE_BYTES // len(active))
         a.t0 = time.perf_counter()
         a.lock = OutputLock(a.spec.out).__enter__()
         fp = fingerprint(ckpt, a.ads, a.plan, a.report.options)
@@ -374,6 +378,7 @@ def _ensure_writer(a: _Active, shard_i: int, wt: WriterThread, meta: dict) -> No
             a.opts.compress,
             a.opts.checksum,
             a.opts.direct_io,
+            a.stage_bytes,
         )
     except StreamMergeError as e:
         _fail(a, e)

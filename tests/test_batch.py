@@ -38,11 +38,23 @@ def runs(tmp_path_factory):
     return root, base
 
 
-def test_one_pass_equals_separate_merges_and_isolates_failures(runs, tmp_path):
+def test_one_pass_equals_separate_merges_and_isolates_failures(runs, tmp_path, monkeypatch):
+    import streammerge.batch as batch_mod
+    from streammerge.sink import STAGE_BYTES
+
+    staged = {}
+    real_writer = batch_mod.ShardWriter
+
+    def recording_writer(path, *args):
+        staged[path.parent.name.split(".streammerge")[0]] = args[-1]  # stage_bytes, per job
+        return real_writer(path, *args)
+
+    monkeypatch.setattr(batch_mod, "ShardWriter", recording_writer)
     root, base = runs
     jobs = jobs_from_args(tmp_path / "merged", [str(root / "runs" / "*" / "checkpoint-*")], {"shard_size": "30MB"})
     assert [j.name for j in jobs] == [f"exp1-checkpoint-{s}" for s in (1000, 1500, 2000, 500)]
     results = batch(base, jobs)
+    assert len(staged) == 3 and sum(staged.values()) <= STAGE_BYTES  # the jobs share one staging budget
     status = {r.name: r.status for r in results}
     failed = next(r for r in results if r.status == "failed")
     assert failed.name == "exp1-checkpoint-2000" and "match no tensor of the base" in failed.error
