@@ -50,7 +50,17 @@ from .sink import (
     work_dir_for,
     write_json,
 )
-from .source import DTYPE_ALIASES, DTYPES, Checkpoint, Reader, TensorRef, numel, open_checkpoint, split_adapter_spec
+from .source import (
+    DTYPE_ALIASES,
+    DTYPES,
+    Checkpoint,
+    Reader,
+    TensorRef,
+    numel,
+    open_checkpoint,
+    split_adapter_spec,
+    stored_refs,
+)
 
 log = logging.getLogger("streammerge")
 
@@ -761,9 +771,7 @@ class Prefetcher:
 
 
 def _source_bytes(src) -> int:
-    if src is None:
-        return 0
-    return src.nbytes if isinstance(src, TensorRef) else sum(getattr(v, "nbytes", 0) for v in vars(src).values())
+    return 0 if src is None else sum(r.nbytes for r in stored_refs(src))
 
 
 class WriterThread:

@@ -428,7 +428,7 @@ def _assemble(view, root: Path) -> Checkpoint:
     return Checkpoint(str(root), config, tensors, (view.path(single),), False)
 
 
-def _refs_of(src) -> list[TensorRef]:
+def stored_refs(src) -> list[TensorRef]:
     """The stored tensors behind a plan source: a TensorRef, or the parts of a quantized weight."""
     return [src] if isinstance(src, TensorRef) else [v for v in vars(src).values() if isinstance(v, TensorRef)]
 
@@ -507,7 +507,7 @@ class Reader:
     def prefetch(self, src) -> None:
         """Ask the kernel to start reading a tensor that is needed next (``MADV_WILLNEED``): with a
         cold page cache its disk reads overlap the merge of the tensor before it."""
-        for ref in _refs_of(src):
+        for ref in stored_refs(src):
             if ARCHIVE_SEP in ref.file or is_zst(ref.file) or ref.offset < 0 or ref.nbytes == 0:
                 continue
             m = self._map(ref.file)
@@ -521,7 +521,7 @@ class Reader:
         """Drop this process's page mappings of a finished tensor (``src``: a TensorRef or a plan
         source holding several), so RSS stays small. The data stays in the page cache, unless
         ``drop_behind``: then it leaves the cache too (``POSIX_FADV_DONTNEED``)."""
-        for ref in _refs_of(src):
+        for ref in stored_refs(src):
             z = self._zst.get(ref.file.split(ARCHIVE_SEP, 1)[0])
             if z is not None:
                 z.drop(ref)
