@@ -136,8 +136,11 @@ class DirectFile:
         self._io.shutdown(wait=True)  # the I/O thread may still be reading a buffer
         try:
             for mv, b in zip(self._mvs, self._bufs, strict=True):
-                mv.release()
-                b.close()
+                try:
+                    mv.release()
+                    b.close()
+                except BufferError:
+                    pass  # a view is still alive (an error's traceback): the buffer goes with it
         finally:
             os.close(fd)
 

@@ -202,3 +202,31 @@ def test_sha256_checksums_match_sha256sum(llama_pair, tmp_path):
     for s in rep.shards:
         assert s["checksum"] == "sha256:" + hashlib.sha256((out / s["file"]).read_bytes()).hexdigest()
     assert verify(out).ok
+
+
+def test_disk_full_in_the_direct_io_writes_is_resumable(mid_pair, tmp_path, monkeypatch):
+    """ENOSPC raised by the OS in the writer's threads (the O_DIRECT writes) stops the run with a
+    clear error, leaves nothing at OUT, and the run resumes to the same bytes."""
+    import threading
+
+    base, ad, ref = mid_pair
+    real_write = os.write
+    seen = {"bytes": 0}
+
+    def filling(fd, buf):
+        if threading.current_thread().name.startswith(("streammerge-io", "streammerge-writer")):
+            seen["bytes"] += len(buf)
+            if seen["bytes"] > 20 * 2**20:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, buf)
+
+    monkeypatch.setattr(os, "write", filling)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="No space left") as e:
+        streammerge.merge(base, ad, out, shard_size="12MB")
+    assert "free some disk space" in str(e.value.hint)
+    assert not out.exists() and seen["bytes"] > 0
+    monkeypatch.setattr(os, "write", real_write)
+    rep = streammerge.merge(base, ad, out, shard_size="12MB", resume=True)
+    assert rep.resumed_shards >= 1
+    assert _model_files(out) == _model_files(ref)
