@@ -41,18 +41,25 @@ def dequantize_4bit_range(
     e0: int,
     e1: int,
     device: torch.device | None = None,
+    out: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Elements ``[e0, e1)`` of a 4-bit tensor, dequantized to fp32: ``code[q] * absmax[i // blocksize]``.
 
     Each byte holds two codes, high nibble first; a 256-entry table gives both values of a byte in one
     lookup, and the block scale is applied by broadcasting over ``[blocks, blocksize]``. Only the bytes
-    of the range move to ``device``."""
+    of the range move to ``device``. ``out`` (fp32, at least ``e1 - e0 + 2`` elements) and ``index``
+    (int32, half that) are reusable work buffers on ``device``; without them fresh ones are allocated."""
     dev = device or absmax.device
     b0, b1 = e0 // 2, (e1 + 1) // 2
     c = code.to(dev, torch.float32)
     pairs = torch.stack([c.repeat_interleave(16), c.repeat(16)], dim=1)  # byte -> (code[hi], code[lo])
-    raw = packed[b0:b1].to(dev).int()  # move the bytes, then widen: a quarter of the transfer
-    vals = pairs.index_select(0, raw).reshape(-1)
+    raw = packed[b0:b1].to(dev)  # move the bytes, then widen them: a quarter of the transfer
+    raw = raw.int() if index is None else index[: b1 - b0].copy_(raw)
+    if out is None:
+        vals = pairs.index_select(0, raw).reshape(-1)
+    else:
+        vals = torch.index_select(pairs, 0, raw, out=out[: 2 * (b1 - b0)].view(-1, 2)).view(-1)
     start = e0 - 2 * b0
     vals = vals[start : start + (e1 - e0)]
     k0 = e0 // blocksize

@@ -304,8 +304,14 @@ class Executor:
         qdtype = DTYPES[src.dtype][1]
 
         def rows(r0: int, r1: int) -> torch.Tensor:
-            vals = quant.dequantize_4bit_range(packed, absmax, code, src.blocksize, r0 * cols, r1 * cols, dev)
-            return vals.reshape(r1 - r0, *src.shape[1:]).to(qdtype)
+            n = (r1 - r0) * cols
+            out = self.ws.take("dq", (n + 2,), torch.float32, dev)  # reused: no fresh pages per block
+            index = self.ws.take("dqi", (n // 2 + 1,), torch.int32, dev)
+            vals = quant.dequantize_4bit_range(
+                packed, absmax, code, src.blocksize, r0 * cols, r1 * cols, dev, out=out, index=index
+            )
+            rounded = self.ws.take("dqr", (r1 - r0, *src.shape[1:]), qdtype, dev)
+            return rounded.copy_(vals.view(rounded.shape))
 
         return rows
 
