@@ -34,12 +34,13 @@ from .run import (
     make_options,
     new_report,
     resolve_device,
+    staging_bytes,
 )
 from .sink import STAGE_BYTES, OutputLock, ShardWriter, check_output, discard_work_dir
 from .source import Reader, open_checkpoint, split_adapter_spec
 
 log = logging.getLogger("streammerge")
-MIN_STAGE_BYTES = 2 * 1024 * 1024  # per job writer in a batch: two 1 MiB halves
+MIN_STAGE_BYTES = 256 * 1024  # per job writer in a batch: two 128 KiB halves
 JOB_OPTIONS = (
     "dtype",
     "shard_size",
@@ -216,7 +217,7 @@ def batch(
                 if opts.save_method == "lora":
                     t = time.perf_counter()
                     with OutputLock(spec.out):
-                        _write_lora(ads[0], spec.out, reader, report)
+                        _write_lora(ads[0], spec.out, reader, report, opts.direct_io)
                     res.seconds, res.total_size = round(time.perf_counter() - t, 3), report.total_size
                     continue
                 active.append(_Active(spec, res, plan, report, aux, ads, opts))
@@ -290,7 +291,7 @@ def _run_pass(active: list[_Active], ckpt, logical, reader: Reader, dev, ws: Wor
     wt = WriterThread(depth=1)
     for a in active:
         # the jobs' writers share one staging budget, the one a single merge's writer has
-        a.stage_bytes = max(MIN_STAGE_BYTES, STAGE_BYTES // len(active))
+        a.stage_bytes = max(MIN_STAGE_BYTES, staging_bytes(a.opts) // len(active))
         a.t0 = time.perf_counter()
         a.lock = OutputLock(a.spec.out).__enter__()
         fp = fingerprint(ckpt, a.ads, a.plan, a.report.options)

@@ -389,8 +389,9 @@ def entry() -> None:
         raise SystemExit(code)
     logging.shutdown()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None when the process was started with it closed
+                stream.flush()
     except OSError:  # e.g. stdout was a pipe closed early
         code = code or EXIT_ERROR
     os._exit(code)

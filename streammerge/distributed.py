@@ -53,6 +53,7 @@ def run_shard(task: ShardTask) -> dict:
         drop_behind_if_large,
         plan_merge,
         resolve_device,
+        staging_bytes,
     )
     from .sink import ShardWriter
     from .source import Reader
@@ -77,6 +78,7 @@ def run_shard(task: ShardTask) -> dict:
             task.options.compress,
             task.options.checksum,
             task.options.direct_io,
+            staging_bytes(task.options),
         )
         wt = WriterThread(depth=1)
         try:

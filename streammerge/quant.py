@@ -8,6 +8,7 @@ Re-quantization calls bitsandbytes itself (imported lazily: only ``merged_4bit``
 
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -121,7 +122,7 @@ def quantize_4bit(
     except ImportError as e:
         raise QuantError("--save-method merged_4bit needs bitsandbytes", hint="pip install 'streammerge[bnb]'") from e
     w = w.contiguous()
-    if w.device.type != "cpu":
+    if w.device.type != "cpu" or not _bnb_cpu_kernel_is_bucketize():
         packed, state = bnbf.quantize_4bit(
             w, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type, quant_storage=storage
         )
@@ -145,6 +146,17 @@ def quantize_4bit(
         raise QuantError(f"quant_state JSON is {len(raw)} bytes, more than {QUANT_STATE_BYTES}")
     parts[key] = torch.frombuffer(bytearray(raw.ljust(QUANT_STATE_BYTES, b" ")), dtype=torch.uint8)
     return packed, {k: v.cpu().contiguous() for k, v in parts.items()}
+
+
+@functools.cache
+def _bnb_cpu_kernel_is_bucketize() -> bool:
+    """Whether the installed bitsandbytes quantizes on the CPU by bucketizing on the code midpoints,
+    the kernel :func:`quantize_4bit_codes` reproduces (0.50 does; other versions use bitsandbytes)."""
+    try:
+        from bitsandbytes.backends.default import ops
+    except ImportError:
+        return False
+    return hasattr(ops, "_get_4bit_quantize_bounds")
 
 
 def quantize_4bit_codes(

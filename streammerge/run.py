@@ -230,8 +230,7 @@ class Executor:
     @property
     def budget(self) -> int:
         """Work memory for merge blocks: ``--max-memory`` less the writer's O_DIRECT staging buffer."""
-        staging = STAGE_BYTES if self.opts.direct_io and self.opts.compress is None else 0
-        return max(self.opts.block_bytes - staging, 0)
+        return self.opts.block_bytes - staging_bytes(self.opts)
 
     def bytes_per_element(self, job: TensorJob) -> int:
         """Work memory per weight element while merging a block: the fp32 rows and rounded output in
@@ -669,7 +668,7 @@ def merge(
             return report
         if save_method == "lora":
             with OutputLock(out):
-                _write_lora(ads[0], out, reader, report)
+                _write_lora(ads[0], out, reader, report, opts.direct_io)
             report.seconds["total"] = round(time.perf_counter() - t0, 3)
             return report
         needed = plan.total_size + sum(len(p) if isinstance(p, bytes) else p.stat().st_size for p in aux.values())
@@ -699,7 +698,7 @@ def normalized_adapter_key(key: str) -> str:
     return key if key.startswith(PEFT_PREFIX) else PEFT_PREFIX + key
 
 
-def _write_lora(ad: Adapter, out: Path, reader: Reader, report: MergeReport) -> None:
+def _write_lora(ad: Adapter, out: Path, reader: Reader, report: MergeReport, direct: bool = True) -> None:
     """``--save-method lora``: the validated adapter, rewritten as safetensors with PEFT's key names."""
     work = prepare_work_dir(out)
     try:
@@ -707,7 +706,7 @@ def _write_lora(ad: Adapter, out: Path, reader: Reader, report: MergeReport) -> 
         specs = [(normalized_adapter_key(r.name), r.dtype, r.shape) for r in refs]
         if len({s[0] for s in specs}) != len(specs):
             raise OutputError(f"{ad.weights_file}: keys collide once the adapter name is removed")
-        writer = ShardWriter(work / "adapter_model.safetensors", specs, {"format": "pt"})
+        writer = ShardWriter(work / "adapter_model.safetensors", specs, {"format": "pt"}, direct=direct)
         try:
             for (name, _, _), ref in zip(specs, refs, strict=True):
                 data = reader.raw(ref) if ref.offset >= 0 else _bytes(reader.tensor(ref))
@@ -753,6 +752,14 @@ def _existing_parent(p: Path) -> Path:
     return p
 
 
+def staging_bytes(opts: MergeOptions) -> int:
+    """The writer's O_DIRECT staging, out of the ``--max-memory`` budget: 32 MiB, or a quarter of a
+    small budget (none when writing compressed or buffered)."""
+    if not opts.direct_io or opts.compress is not None:
+        return 0
+    return min(STAGE_BYTES, opts.block_bytes // 4)
+
+
 class Prefetcher:
     """Keeps the kernel reading up to ``window`` bytes of base tensors ahead of the one being merged
     (``MADV_WILLNEED``), so that with a cold page cache the disk reads overlap the merge instead of
@@ -770,8 +777,8 @@ class Prefetcher:
         self._ahead = max(0, self._ahead - self.sizes[i]) if self._next > i else 0
         self._next = max(self._next, i + 1)
         while self._next < len(self.sources) and self._ahead < self.window:
-            if self.sources[self._next] is not None:
-                self.reader.prefetch(self.sources[self._next])
+            if self.sources[self._next] is not None:  # at most a window of one huge tensor
+                self.reader.prefetch(self.sources[self._next], self.window)
             self._ahead += self.sizes[self._next]
             self._next += 1
 
@@ -991,6 +998,7 @@ def _execute(
                 opts.compress,
                 opts.checksum,
                 opts.direct_io,
+                staging_bytes(opts),
             )
             writers.append(writer)
             for job in shard.jobs:

@@ -68,7 +68,11 @@ class DirectFile:
             if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
                 return None
             raise
-        return cls(fd, stage_bytes)
+        try:
+            return cls(fd, stage_bytes)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def fileno(self) -> int:
         return self._fd

@@ -504,16 +504,18 @@ class Reader:
             flat = torch.frombuffer(self._map(ref.file), dtype=torch.uint8, count=ref.nbytes, offset=ref.offset)
         return flat.view(tdtype).view(ref.shape)
 
-    def prefetch(self, src) -> None:
+    def prefetch(self, src, limit: int | None = None) -> None:
         """Ask the kernel to start reading a tensor that is needed next (``MADV_WILLNEED``): with a
-        cold page cache its disk reads overlap the merge of the tensor before it."""
+        cold page cache its disk reads overlap the merge of the tensor before it. ``limit``: at most
+        this many bytes of each stored tensor (its start)."""
         for ref in stored_refs(src):
             if ARCHIVE_SEP in ref.file or is_zst(ref.file) or ref.offset < 0 or ref.nbytes == 0:
                 continue
             m = self._map(ref.file)
             start = ref.offset - ref.offset % mmap.PAGESIZE
             try:
-                m.madvise(mmap.MADV_WILLNEED, start, min(len(m), ref.offset + ref.nbytes) - start)
+                end = ref.offset + (ref.nbytes if limit is None else min(ref.nbytes, limit))
+                m.madvise(mmap.MADV_WILLNEED, start, min(len(m), end) - start)
             except (OSError, ValueError, AttributeError):
                 pass
 

@@ -25,6 +25,15 @@ def test_version_and_help():
     assert "exit codes" in h and "130" in h and "examples" in h
 
 
+def test_a_finished_run_exits_0_even_with_stdout_closed(llama_pair, tmp_path):
+    """As under cron or a daemon: the quick exit must not trip over a missing stream."""
+    base, ad = llama_pair
+    cmd = f"'{sys.executable}' -m streammerge merge '{base}' '{ad}' '{tmp_path / 'o'}' -q >&-"
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=False, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "o" / "config.json").exists()
+
+
 def test_usage_errors_exit_2(llama_pair, tmp_path):
     base, ad = llama_pair
     assert run(check_rc=2).returncode == 2

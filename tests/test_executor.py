@@ -154,7 +154,8 @@ def test_prefetcher_keeps_a_bounded_window_ahead_and_asks_once_per_tensor():
         def __init__(self):
             self.asked = []
 
-        def prefetch(self, src):
+        def prefetch(self, src, limit=None):
+            assert limit == 250  # never more than a window of one tensor
             self.asked.append(src)
 
     sources = [TensorRef(f"t{i}", "f", "BF16", (50,), 0, 100) for i in range(10)]
