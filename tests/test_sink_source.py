@@ -119,26 +119,47 @@ def test_direct_io_falls_back_where_the_filesystem_refuses_it(tmp_path, monkeypa
     assert torch.equal(load_file(tmp_path / "a.safetensors")["x"], torch.arange(3, dtype=torch.float32))
 
 
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT")
-def test_direct_file_survives_short_writes(tmp_path, monkeypatch):
-    data = os.urandom(3 * 8192 + 100)
+def _through_direct_file(tmp_path, monkeypatch, nbytes: int, stage: int, fake_write) -> list[int]:
+    """Write random bytes through a DirectFile whose ``os.write`` is ``fake_write(real_write, fd, buf)``;
+    check the file holds exactly them; return the sizes ``os.write`` was asked for."""
+    data = os.urandom(nbytes)
     path = tmp_path / "x.bin"
-    f = DirectFile.open(path, 8192)
+    f = DirectFile.open(path, stage)
     if f is None:
         pytest.skip("this filesystem refuses O_DIRECT")
-    real_write = os.write
-    calls = []
+    real_write, calls = os.write, []
 
-    def half(fd, buf):  # the kernel may write less than asked: half, on an aligned boundary
+    def recording(fd, buf):
         calls.append(len(buf))
-        n = len(buf) // 2 // 4096 * 4096 or len(buf)
-        return real_write(fd, memoryview(buf)[:n])
+        return fake_write(real_write, fd, buf)
 
-    monkeypatch.setattr(os, "write", half)
+    monkeypatch.setattr(os, "write", recording)
     f.write(data)
     f.flush()
     f.close()
-    assert path.read_bytes() == data and len(calls) > 4
+    assert path.read_bytes() == data
+    return calls
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT")
+def test_direct_file_survives_short_writes(tmp_path, monkeypatch):
+    def half(real_write, fd, buf):  # the kernel may write less than asked: half, on an aligned boundary
+        n = len(buf) // 2 // 4096 * 4096 or len(buf)
+        return real_write(fd, memoryview(buf)[:n])
+
+    assert len(_through_direct_file(tmp_path, monkeypatch, 3 * 8192 + 100, 8192, half)) > 4
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT")
+def test_direct_file_goes_buffered_when_the_device_refuses_the_alignment(tmp_path, monkeypatch):
+    import fcntl
+
+    def picky(real_write, fd, buf):  # as a device with a logical block larger than 4 KiB would
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, buf)
+
+    _through_direct_file(tmp_path, monkeypatch, 5 * 8192 + 7, 16384, picky)
 
 
 def test_header_is_padded_and_parses_like_the_library(tmp_path):
@@ -211,26 +232,3 @@ def test_header_validation_names_the_file(tmp_path, case):
     with pytest.raises(InputError) as e:
         parse_header(p)
     assert msg in str(e.value) and str(p) in str(e.value)
-
-
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT")
-def test_direct_file_goes_buffered_when_the_device_refuses_the_alignment(tmp_path, monkeypatch):
-    import fcntl
-
-    data = os.urandom(5 * 8192 + 7)
-    path = tmp_path / "x.bin"
-    f = DirectFile.open(path, 16384)
-    if f is None:
-        pytest.skip("this filesystem refuses O_DIRECT")
-    real_write = os.write
-
-    def picky(fd, buf):  # as a device with a logical block larger than 4 KiB would
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, buf)
-
-    monkeypatch.setattr(os, "write", picky)
-    f.write(data)
-    f.flush()
-    f.close()
-    assert path.read_bytes() == data
