@@ -15,7 +15,6 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import __version__
 from .adapter import load_adapter
 from .errors import InputError, StreamMergeError
 from .plan import build_plan, logical_tensors
@@ -33,14 +32,13 @@ from .run import (
     finish_output,
     make_options,
     new_report,
+    open_shard_writer,
     resolve_device,
-    staging_bytes,
 )
-from .sink import STAGE_BYTES, OutputLock, ShardWriter, check_output, discard_work_dir
+from .sink import OutputLock, ShardWriter, check_output, discard_work_dir
 from .source import Reader, open_checkpoint, split_adapter_spec
 
 log = logging.getLogger("streammerge")
-MIN_STAGE_BYTES = 256 * 1024  # per job writer in a batch: two 128 KiB halves
 JOB_OPTIONS = (
     "dtype",
     "shard_size",
@@ -168,7 +166,7 @@ class _Active:
     failed: BaseException | None = None
     t0: float = 0.0
     compute: float = 0.0
-    stage_bytes: int = STAGE_BYTES  # this job's share of the writers' O_DIRECT staging
+    sharing: int = 1  # job writers open at once: they split the O_DIRECT staging budget
 
 
 def batch(
@@ -291,7 +289,7 @@ def _run_pass(active: list[_Active], ckpt, logical, reader: Reader, dev, ws: Wor
     wt = WriterThread(depth=1)
     for a in active:
         # the jobs' writers share one staging budget, the one a single merge's writer has
-        a.stage_bytes = max(MIN_STAGE_BYTES, staging_bytes(a.opts) // len(active))
+        a.sharing = len(active)
         a.t0 = time.perf_counter()
         a.lock = OutputLock(a.spec.out).__enter__()
         fp = fingerprint(ckpt, a.ads, a.plan, a.report.options)
@@ -299,7 +297,6 @@ def _run_pass(active: list[_Active], ckpt, logical, reader: Reader, dev, ws: Wor
         a.ex = Executor(reader, a.opts, dev, a.report, ws)
         a.order = [(i, j) for i, s in enumerate(a.plan.shards) for j in s.jobs]
     names = list(logical) + sorted({j.name for a in active for _, j in a.order} - set(logical))
-    meta_for = {"format": "pt", "streammerge": __version__}
     ahead = Prefetcher(reader, [logical.get(n) for n in names])
     try:
         for i, name in enumerate(names):
@@ -309,7 +306,7 @@ def _run_pass(active: list[_Active], ckpt, logical, reader: Reader, dev, ws: Wor
                     continue
                 shard_i, job = a.order[a.pos]
                 a.pos += 1
-                _ensure_writer(a, shard_i, wt, meta_for)
+                _ensure_writer(a, shard_i, wt)
                 try:
                     t = time.perf_counter()
                     for out_name, buf in a.ex.blocks(job):
@@ -364,7 +361,7 @@ def _close_shard(a: _Active, writer: ShardWriter) -> None:
     a.journal.record(writer.path.name, writer.path.stat().st_size, writer.checksum)
 
 
-def _ensure_writer(a: _Active, shard_i: int, wt: WriterThread, meta: dict) -> None:
+def _ensure_writer(a: _Active, shard_i: int, wt: WriterThread) -> None:
     if a.shard_i == shard_i:
         return
     if a.writer is not None:
@@ -372,15 +369,7 @@ def _ensure_writer(a: _Active, shard_i: int, wt: WriterThread, meta: dict) -> No
     shard = a.plan.shards[shard_i]
     a.shard_i = shard_i
     try:
-        a.writer = ShardWriter(
-            a.work / shard.filename,
-            [o for j in shard.jobs for o in j.outputs],
-            meta,
-            a.opts.compress,
-            a.opts.checksum,
-            a.opts.direct_io,
-            a.stage_bytes,
-        )
+        a.writer = open_shard_writer(a.work / shard.filename, shard, a.opts, a.sharing)
     except StreamMergeError as e:
         _fail(a, e)
 

@@ -44,18 +44,16 @@ def run_shard(task: ShardTask) -> dict:
     """Merge one output shard into the work directory (in a worker process or on a Ray node)."""
     import torch
 
-    from . import __version__
     from .run import (
         Executor,
         MergeReport,
         Prefetcher,
         WriterThread,
         drop_behind_if_large,
+        open_shard_writer,
         plan_merge,
         resolve_device,
-        staging_bytes,
     )
-    from .sink import ShardWriter
     from .source import Reader
 
     if task.threads:
@@ -71,15 +69,7 @@ def run_shard(task: ShardTask) -> dict:
         report = MergeReport("", "", [], "", {}, False, "", [], 0, [], 0, 0, 0)
         ex = Executor(reader, task.options, resolve_device(task.device), report)
         path = Path(task.work) / shard.filename
-        writer = ShardWriter(
-            path,
-            [o for j in shard.jobs for o in j.outputs],
-            {"format": "pt", "streammerge": __version__},
-            task.options.compress,
-            task.options.checksum,
-            task.options.direct_io,
-            staging_bytes(task.options),
-        )
+        writer = open_shard_writer(path, shard, task.options)
         wt = WriterThread(depth=1)
         try:
             ahead = Prefetcher(reader, [j.source for j in shard.jobs])
