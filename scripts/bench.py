@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from streammerge.run import parse_size
+from streammerge.options import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".bench"
@@ -133,7 +133,7 @@ def startup_seconds(repeat: int = 3) -> float:
     runs = []
     for _ in range(repeat):
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import os, streammerge.run; os._exit(0)"], check=True)
+        subprocess.run([sys.executable, "-c", "import os, streammerge.merge; os._exit(0)"], check=True)
         runs.append(time.perf_counter() - t)
     return statistics.median(runs)
 

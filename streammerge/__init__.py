@@ -1,9 +1,9 @@
 """streammerge: merge LoRA adapters into safetensors checkpoints out of core, exactly as PEFT does."""
 
-__version__ = "0.1.0"
-
 from .errors import AdapterError, InputError, NonFiniteError, OutputError, QuantError, StreamMergeError
-from .run import MergeReport, merge
+from .merge import merge
+from .report import MergeReport
+from .version import __version__
 
 __all__ = [
     "AdapterError",

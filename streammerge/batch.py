@@ -17,25 +17,16 @@ from pathlib import Path
 
 from .adapter import load_adapter
 from .errors import InputError, StreamMergeError
-from .plan import build_plan, logical_tensors
-from .run import (
-    REPORT_NAME,
-    Executor,
-    Prefetcher,
-    Workspace,
-    WriterThread,
-    _aux_files,
-    _open_run,
-    _write_lora,
-    drop_behind_if_large,
-    fingerprint,
-    finish_output,
-    make_options,
-    new_report,
-    open_shard_writer,
-    resolve_device,
-)
-from .sink import OutputLock, ShardWriter, check_output, discard_work_dir
+from .execute import Executor, Workspace
+from .formats import logical_tensors
+from .merge import fingerprint, finish_output, open_run
+from .options import make_options, resolve_device
+from .pipeline import Prefetcher, WriterThread, drop_behind_if_large
+from .plan import build_plan
+from .report import REPORT_NAME, new_report
+from .sinks.lora import write_lora
+from .sinks.outdir import OutputLock, aux_files, check_output, discard_work_dir
+from .sinks.safetensors import ShardWriter, open_shard_writer
 from .source import Reader, open_checkpoint, split_adapter_spec
 
 log = logging.getLogger("streammerge")
@@ -199,7 +190,7 @@ def batch(
     try:
         ckpt = open_checkpoint(base)
         drop_behind_if_large(reader, ckpt)
-        logical, _ = logical_tensors(ckpt, lambda ref: bytes(reader.raw(ref)))
+        logical = logical_tensors(ckpt, lambda ref: bytes(reader.raw(ref)))
         for spec in jobs:
             res = _start(spec, resume, results)
             if res.status == "skipped":
@@ -211,11 +202,11 @@ def batch(
                 plan = build_plan(ckpt, ads, opts, lambda ref: bytes(reader.raw(ref)))
                 check_output(spec.out, [base] + [Path(a.path) for a in ads], overwrite or resume)
                 report = new_report(base, ads, spec.out, opts, plan, dev)
-                aux = _aux_files(base, ads, ckpt)
+                aux = aux_files(base, ads, ckpt)
                 if opts.save_method == "lora":
                     t = time.perf_counter()
                     with OutputLock(spec.out):
-                        _write_lora(ads[0], spec.out, reader, report, opts.direct_io)
+                        write_lora(ads[0], spec.out, reader, report, opts.direct_io)
                     res.seconds, res.total_size = round(time.perf_counter() - t, 3), report.total_size
                     continue
                 active.append(_Active(spec, res, plan, report, aux, ads, opts))
@@ -240,7 +231,7 @@ def _start(spec: JobSpec, resume: bool, results: list[JobResult]) -> JobResult:
 
 
 def _batch_distributed(base, jobs, resume, overwrite, device, max_memory, executor, workers, address, direct_io):
-    from .run import merge
+    from .merge import merge
 
     results = []
     for spec in jobs:
@@ -293,7 +284,7 @@ def _run_pass(active: list[_Active], ckpt, logical, reader: Reader, dev, ws: Wor
         a.t0 = time.perf_counter()
         a.lock = OutputLock(a.spec.out).__enter__()
         fp = fingerprint(ckpt, a.ads, a.plan, a.report.options)
-        a.work, a.journal, _ = _open_run(a.spec.out, fp, resume=False)
+        a.work, a.journal, _ = open_run(a.spec.out, fp, resume=False)
         a.ex = Executor(reader, a.opts, dev, a.report, ws)
         a.order = [(i, j) for i, s in enumerate(a.plan.shards) for j in s.jobs]
     names = list(logical) + sorted({j.name for a in active for _, j in a.order} - set(logical))

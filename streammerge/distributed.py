@@ -10,8 +10,6 @@ the output is byte-identical to a single-process run (tested).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -35,25 +33,15 @@ class ShardTask:
     threads: int = 0
 
 
-def plan_digest(plan) -> str:
-    layout = [[s.filename, [[o[0], o[1], list(o[2])] for j in s.jobs for o in j.outputs]] for s in plan.shards]
-    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()
-
-
 def run_shard(task: ShardTask) -> dict:
     """Merge one output shard into the work directory (in a worker process or on a Ray node)."""
     import torch
 
-    from .run import (
-        Executor,
-        MergeReport,
-        Prefetcher,
-        WriterThread,
-        drop_behind_if_large,
-        open_shard_writer,
-        plan_merge,
-        resolve_device,
-    )
+    from .execute import Executor
+    from .options import resolve_device
+    from .pipeline import drop_behind_if_large, run_shards
+    from .plan import plan_merge
+    from .report import scratch_report
     from .source import Reader
 
     if task.threads:
@@ -63,32 +51,24 @@ def run_shard(task: ShardTask) -> dict:
     try:
         ckpt, _, plan = plan_merge(task.base, list(task.adapters), task.options, reader)
         drop_behind_if_large(reader, ckpt)
-        if plan_digest(plan) != task.plan_digest:
+        if plan.digest != task.plan_digest:
             raise InputError(f"{task.base}: a worker planned a different output (inputs changed during the run?)")
         shard = plan.shards[task.shard]
-        report = MergeReport("", "", [], "", {}, False, "", [], 0, [], 0, 0, 0)
+        report = scratch_report()
         ex = Executor(reader, task.options, resolve_device(task.device), report)
+        closed: dict[str, str] = {}
+
+        def close(writer, filename: str) -> None:
+            writer.close()
+            closed[filename] = writer.checksum
+
+        stage = run_shards([shard], ex, Path(task.work), task.options, close)
         path = Path(task.work) / shard.filename
-        writer = open_shard_writer(path, shard, task.options)
-        wt = WriterThread(depth=1)
-        try:
-            ahead = Prefetcher(reader, [j.source for j in shard.jobs])
-            for i, job in enumerate(shard.jobs):
-                ahead.advance(i)
-                for name, buf in ex.blocks(job):
-                    wt.submit(writer.write, name, buf)
-                wt.submit(reader.release, job.source)
-            wt.submit(writer.close)
-            wt.finish()
-        except BaseException:
-            wt.abort()
-            writer.abort()
-            raise
         return {
             "file": shard.filename,
             "bytes": path.stat().st_size,
-            "checksum": writer.checksum,
-            "stage": dict(ex.stage, write=wt.busy),
+            "checksum": closed[shard.filename],
+            "stage": stage,
             "warnings": report.warnings,
             "notes": report.notes,
             "peak_anon": ex.peak_anon,
@@ -153,22 +133,13 @@ class _Pool:
             self._pool.shutdown(cancel_futures=True)
 
 
-def run_shards(
-    plan,
-    todo: list[int],
-    base,
-    specs,
-    opts,
-    device: str,
-    work: Path,
-    journal,
-    executor: str,
-    workers: int,
-    address: str | None,
-    log,
+def run_distributed(
+    plan, todo: list, base, specs, opts, work: Path, journal, executor: str, workers: int, address: str | None, log
 ) -> dict:
-    """Run the shards ``todo`` on the executor; record each in the journal. Returns merged stats."""
-    digest = plan_digest(plan)
+    """Run the shards ``todo`` (of ``plan``) on the executor; record each in the journal. Returns
+    merged stats."""
+    digest = plan.digest
+    index = {s.filename: i for i, s in enumerate(plan.shards)}
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     pool = _Pool(executor, workers, address)
     stats = {
@@ -185,8 +156,10 @@ def run_shards(
     tries: dict[int, int] = {}
     try:
         pending = {}
-        for i in todo:
-            task = ShardTask(str(base), tuple(specs), opts, device, i, str(work), digest, threads)
+        for shard in todo:
+            task = ShardTask(
+                str(base), tuple(specs), opts, opts.device, index[shard.filename], str(work), digest, threads
+            )
             pending[pool.submit(task)] = task
         while pending:
             for h in pool.wait_any(pending):

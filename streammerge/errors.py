@@ -44,3 +44,7 @@ class OutputError(StreamMergeError):
 
 class NonFiniteError(StreamMergeError):
     """NaN or Inf found in an adapter tensor or produced by a merge."""
+
+
+class VerifyError(StreamMergeError):
+    """The output is incomplete, corrupt, or differs from what its inputs produce."""

@@ -9,13 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import StreamMergeError
-from .plan import MergeOptions, QuantOut
-from .sink import algo_of, file_checksum
+from .options import MergeOptions, QuantOut
+from .sinks.outdir import algo_of, file_checksum
 from .source import Checkpoint, Reader, open_checkpoint, split_adapter_spec
-
-
-class VerifyError(StreamMergeError):
-    """The output is incomplete, corrupt, or differs from what its inputs produce."""
 
 
 @dataclass
@@ -83,7 +79,10 @@ def verify(
 ) -> VerifyReport:
     """Check ``out``: index, shard headers and files agree; shard checksums match the report; and, with
     ``base`` and ``adapters``, ``sample`` tensors (all when None) recomputed equal the written ones."""
-    from .run import Executor, MergeReport, plan_merge, resolve_device
+    from .execute import Executor
+    from .options import resolve_device
+    from .plan import plan_merge
+    from .report import scratch_report
 
     out = Path(out)
     rep = VerifyReport(str(out))
@@ -120,8 +119,7 @@ def verify(
             rng = random.Random(0)
             k = min(len(merged), max(sample - sample // 4, 1))
             jobs = rng.sample(merged, k) + rng.sample(rest, min(len(rest), sample - k))
-        dummy = MergeReport("", "", [], "", {}, False, "", [], 0, [], 0, 0, 0)
-        ex = Executor(reader, opts, resolve_device(device), dummy)
+        ex = Executor(reader, opts, resolve_device(device), scratch_report())
         for job in jobs:
             pos: dict[str, int] = {}
             bad = False

@@ -221,7 +221,7 @@ def test_empty_existing_output_is_fine(llama_pair, tmp_path):
 
 
 def test_concurrent_run_on_same_output_is_refused(llama_pair, tmp_path):
-    from streammerge.sink import OutputLock
+    from streammerge.sinks.outdir import OutputLock
 
     base, ad = llama_pair
     out = tmp_path / "out"

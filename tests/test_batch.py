@@ -39,17 +39,17 @@ def runs(tmp_path_factory):
 
 
 def test_one_pass_equals_separate_merges_and_isolates_failures(runs, tmp_path, monkeypatch):
-    import streammerge.run as run_mod
-    from streammerge.sink import STAGE_BYTES
+    import streammerge.sinks.safetensors as st_sink
+    from streammerge.sinks.safetensors import STAGE_BYTES
 
     staged = {}
-    real_writer = run_mod.ShardWriter
+    real_writer = st_sink.ShardWriter
 
     def recording_writer(path, *args):
         staged[path.parent.name.split(".streammerge")[0]] = args[-1]  # stage_bytes, per job
         return real_writer(path, *args)
 
-    monkeypatch.setattr(run_mod, "ShardWriter", recording_writer)
+    monkeypatch.setattr(st_sink, "ShardWriter", recording_writer)
     root, base = runs
     jobs = jobs_from_args(tmp_path / "merged", [str(root / "runs" / "*" / "checkpoint-*")], {"shard_size": "30MB"})
     assert [j.name for j in jobs] == [f"exp1-checkpoint-{s}" for s in (1000, 1500, 2000, 500)]

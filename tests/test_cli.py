@@ -99,7 +99,7 @@ def test_main_in_process_returns_codes(llama_pair, tmp_path, capsys):
 
 
 def test_interrupt_exits_130_and_resumes(llama_pair, tmp_path, monkeypatch, capsys):
-    import streammerge.run as run_mod
+    import streammerge.sinks.safetensors as run_mod
 
     base, ad = llama_pair
     real = run_mod.ShardWriter.write

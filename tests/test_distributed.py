@@ -49,17 +49,17 @@ def test_local_executor_resumes_and_retries(pair, tmp_path, monkeypatch):
     import streammerge.distributed as dist
 
     base, ad, ref = pair
-    real = dist.run_shards
+    real = dist.run_distributed
 
     def interrupted(plan, todo, *a, **k):
         real(plan, todo[:2], *a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dist, "run_shards", interrupted)
+    monkeypatch.setattr(dist, "run_distributed", interrupted)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         streammerge.merge(base, ad, out, shard_size="4MB", executor="local", workers=2)
-    monkeypatch.setattr(dist, "run_shards", real)
+    monkeypatch.setattr(dist, "run_distributed", real)
     rep = streammerge.merge(base, ad, out, shard_size="4MB", executor="local", workers=2, resume=True)
     assert rep.resumed_shards == 2
     assert _model_files(out) == _model_files(ref)

@@ -3,6 +3,7 @@ writer, transposed (fan_in_fan_out / embedding) column blocks, and the out-of-me
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -11,7 +12,9 @@ from helpers import read_dir
 from safetensors.torch import save_file
 
 import streammerge
-import streammerge.run as run_mod
+import streammerge.execute as execute_mod
+import streammerge.pipeline as pipeline_mod
+from streammerge.options import parse_memory
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,7 @@ def test_blocks_and_budgets_are_bit_identical(wide_pair, tmp_path):
         out = tmp_path / f"out_{budget}"
         rep = streammerge.merge(base, ad2, out, max_memory=budget)
         outs[budget] = read_dir(out)
-        assert rep.work_buffer_bytes <= max(run_mod.parse_memory(budget), 2**20) or budget == 1
+        assert rep.work_buffer_bytes <= max(parse_memory(budget), 2**20) or budget == 1
     for budget, got in outs.items():
         for k, v in ref.items():
             assert torch.equal(got[k], v), (budget, k)
@@ -108,7 +111,7 @@ def test_accelerator_oom_halves_blocks_then_falls_back_to_cpu(wide_pair, tmp_pat
     (ad2 / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
     plain = tmp_path / "plain"
     streammerge.merge(base, ad2, plain)
-    real = run_mod.Executor._merge_block
+    real = execute_mod.Executor._merge_block
     calls = {"oom": 0}
 
     def fake(self, job, rows_of, prepared, r0, r1, rows, out_dtype):
@@ -118,8 +121,10 @@ def test_accelerator_oom_halves_blocks_then_falls_back_to_cpu(wide_pair, tmp_pat
             raise torch.OutOfMemoryError("simulated")
         return real(self, job, rows_of, prepared, r0, r1, rows, out_dtype)
 
-    monkeypatch.setattr(run_mod.Executor, "_merge_block", fake)
-    monkeypatch.setattr(run_mod, "resolve_device", lambda name: torch.device("meta"))
+    monkeypatch.setattr(execute_mod.Executor, "_merge_block", fake)
+    monkeypatch.setattr(
+        importlib.import_module("streammerge.merge"), "resolve_device", lambda name: torch.device("meta")
+    )
     rep = streammerge.merge(base, ad2, tmp_path / "oom", device="cuda", max_memory="1GiB")
     assert calls["oom"] >= 2
     assert any("retrying in" in n for n in rep.notes) and any("merged on the CPU" in n for n in rep.notes)
@@ -139,12 +144,12 @@ def test_stage_timings_reported(wide_pair, tmp_path):
 
 
 def test_max_memory_parsing():
-    assert run_mod.parse_memory("256MiB") == 256 * 2**20
-    assert run_mod.parse_memory("2GB") == 2 * 10**9
-    frac = run_mod.parse_memory("0.5")
+    assert parse_memory("256MiB") == 256 * 2**20
+    assert parse_memory("2GB") == 2 * 10**9
+    frac = parse_memory("0.5")
     assert 0 < frac < 2**50
     with pytest.raises(ValueError):
-        run_mod.parse_memory("lots")
+        parse_memory("lots")
 
 
 def test_prefetcher_keeps_a_bounded_window_ahead_and_asks_once_per_tensor():
@@ -161,7 +166,7 @@ def test_prefetcher_keeps_a_bounded_window_ahead_and_asks_once_per_tensor():
     sources = [TensorRef(f"t{i}", "f", "BF16", (50,), 0, 100) for i in range(10)]
     sources.insert(5, None)  # a job with no stored source (nothing to read)
     rec = Recorder()
-    ahead = run_mod.Prefetcher(rec, sources, window=250)
+    ahead = pipeline_mod.Prefetcher(rec, sources, window=250)
     for i in range(len(sources)):
         ahead.advance(i)
         pos = [sources.index(r) for r in rec.asked]
@@ -204,7 +209,9 @@ def test_a_base_larger_than_half_the_ram_leaves_the_page_cache_as_it_is_merged(t
         return real(fd, off, n, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", record)
-    monkeypatch.setattr(run_mod.psutil, "virtual_memory", lambda: SimpleNamespace(total=2 * 2**20, available=2**20))
+    monkeypatch.setattr(
+        pipeline_mod.psutil, "virtual_memory", lambda: SimpleNamespace(total=2 * 2**20, available=2**20)
+    )
     rep = streammerge.merge(base, ad, tmp_path / "out", progress=False)
     assert any("larger than half the RAM" in n for n in rep.notes) and not any("larger" in n for n in ref.notes)
     assert {p for p, _, a in dropped if a == os.POSIX_FADV_DONTNEED} == {str((base / "model.safetensors").resolve())}

@@ -9,7 +9,8 @@ import torch
 from helpers import assert_matches_state_dict, build_adapter, build_model, logits, read_dir, sample_ids, save_base
 
 import streammerge
-from streammerge import quant
+from streammerge.formats import bnb4, bnb8
+from streammerge.sinks import bnb4 as bnb4_sink
 
 bnb = pytest.importorskip("bitsandbytes")
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -55,12 +56,12 @@ def _ours(packed, state, shape, dtype):
     parts = state.as_dict(packed=True)
     absmax = parts["absmax"]
     if state.nested:
-        absmax = quant.dequantize_absmax(
+        absmax = bnb4.dequantize_absmax(
             absmax, parts["nested_absmax"], parts["nested_quant_map"], state.offset.item(), state.state2.blocksize
         )
     n = shape[0] * shape[1]
     flat = packed.reshape(-1).view(torch.uint8)
-    vals = quant.dequantize_4bit_range(flat, absmax.float(), parts["quant_map"], state.blocksize, 0, n)
+    vals = bnb4.dequantize_4bit_range(flat, absmax.float(), parts["quant_map"], state.blocksize, 0, n)
     return vals.reshape(shape).to(dtype)
 
 
@@ -91,12 +92,12 @@ def test_row_blocks_dequantize_identically():
     packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     full = _ours(packed, state, (37, 96), torch.float32)
     parts = state.as_dict(packed=True)
-    absmax = quant.dequantize_absmax(
+    absmax = bnb4.dequantize_absmax(
         parts["absmax"], parts["nested_absmax"], parts["nested_quant_map"], state.offset.item(), 256
     )
     flat = packed.reshape(-1)
     pieces = [
-        quant.dequantize_4bit_range(flat, absmax, parts["quant_map"], 64, r * 96, min(37, r + 5) * 96)
+        bnb4.dequantize_4bit_range(flat, absmax, parts["quant_map"], 64, r * 96, min(37, r + 5) * 96)
         for r in range(0, 37, 5)
     ]
     assert torch.equal(torch.cat(pieces).reshape(37, 96), full)
@@ -105,7 +106,7 @@ def test_row_blocks_dequantize_identically():
 def test_int8_matches_bitsandbytes():
     w = torch.randn(40, 96, dtype=torch.float16)
     cb, scb, _ = bnbf.int8_vectorwise_quant(w)
-    assert torch.equal(quant.dequantize_int8_rows(cb, scb), bnbf.int8_vectorwise_dequant(cb, scb))
+    assert torch.equal(bnb8.dequantize_int8_rows(cb, scb), bnbf.int8_vectorwise_dequant(cb, scb))
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +377,7 @@ def test_quantized_checkpoint_missing_piece(q_models, tmp_path):
 )
 def test_quantize_4bit_equals_bitsandbytes(quant_type, double, n, blocksize, storage):
     """Our CPU kernel (bucketize replaced by counting) gives bitsandbytes' bytes, ties and specials included."""
-    assert quant._bnb_cpu_kernel_is_bucketize()  # the installed bitsandbytes is the one reproduced
+    assert bnb4_sink._bnb_cpu_kernel_is_bucketize()  # the installed bitsandbytes is the one reproduced
     g = torch.Generator().manual_seed(n + blocksize)
     w = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16).float()
     w[:blocksize] = 0.0  # an all-zero block
@@ -386,7 +387,7 @@ def test_quantize_4bit_equals_bitsandbytes(quant_type, double, n, blocksize, sto
     w[2 * blocksize : 3 * blocksize] = 0.0
     w[2 * blocksize : 2 * blocksize + 15] = mids  # values exactly on the boundaries (ties)
     w[2 * blocksize + 15] = 1.0  # this block's absmax: the scaled values are the values themselves
-    ours, ours_parts = quant.quantize_4bit(
+    ours, ours_parts = bnb4_sink.quantize_4bit(
         w.view(1, -1) if n % 2 else w.view(2, -1), blocksize, quant_type, double, storage
     )
     ref, state = bnbf.quantize_4bit(

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import streammerge
-import streammerge.run as run_mod
+import streammerge.sinks.safetensors as run_mod
 from streammerge.errors import OutputError
 from streammerge.synthetic import write_synthetic_llama
 from streammerge.verify import verify
@@ -90,7 +90,7 @@ def test_disk_full_is_clean_and_resumable(mid_pair, tmp_path, monkeypatch):
 
 def test_real_oserror_enospc_is_an_output_error(tmp_path, llama_pair, monkeypatch):
     """The writer turns ENOSPC from the OS into an OutputError that says to free space."""
-    from streammerge.sink import ShardWriter
+    from streammerge.sinks.safetensors import ShardWriter
 
     w = ShardWriter(tmp_path / "x.safetensors", [("a", "U8", (4,))])
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from streammerge.errors import InputError, OutputError
-from streammerge.sink import DirectFile, ShardWriter, build_header
+from streammerge.sinks.safetensors import DirectFile, ShardWriter, build_header
 from streammerge.source import Reader, parse_header
 
 DTYPES = [

@@ -1,0 +1,195 @@
+"""``streammerge merge BASE ADAPTER OUT``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import (
+    DEVICE_CHOICES,
+    DTYPE_CHOICES,
+    EXECUTOR_CHOICES,
+    EXIT_OK,
+    SAVE_METHOD_CHOICES,
+    common_args,
+    direct_io_arg,
+    fmt_bytes,
+    print_json,
+    size_arg,
+)
+
+
+def add_parser(sub, epilog: str) -> None:
+    m = sub.add_parser(
+        "merge",
+        help="merge adapter(s) into a base checkpoint",
+        description="Merge one or more PEFT LoRA adapters into BASE and write a merged checkpoint to OUT.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("base", metavar="BASE", help="Hugging Face model directory (config.json + safetensors)")
+    m.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter directory, optionally PATH:WEIGHT")
+    m.add_argument("out", metavar="OUT", help="output directory (must not exist or be empty)")
+    m.add_argument(
+        "--adapter",
+        dest="extra_adapters",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="another adapter to merge in the same pass (repeatable); deltas are summed in fp32",
+    )
+    m.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="output float dtype")
+    m.add_argument("--shard-size", default="5GB", type=size_arg, help="max tensor bytes per output shard (5GB)")
+    m.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where to compute (auto)")
+    m.add_argument(
+        "--max-memory",
+        default="128MiB",
+        metavar="SIZE|FRACTION",
+        help="work memory budget beyond the interpreter and torch: a size (256MiB, 2GB) or a fraction of "
+        "available RAM (0.25); large tensors are merged in row blocks that fit it (default 128MiB)",
+    )
+    _output_args(m)
+    _run_args(m)
+    m.add_argument("--allow-nonfinite", action="store_true", help="do not fail on NaN/Inf in adapter or output")
+    direct_io_arg(m)
+    common_args(m)
+
+
+def _output_args(m: argparse.ArgumentParser) -> None:
+    m.add_argument(
+        "--save-method",
+        default="merged_16bit",
+        choices=SAVE_METHOD_CHOICES,
+        help="merged_16bit: dense merged model; merged_4bit: merged then re-quantized with bitsandbytes "
+        "(loses precision); lora: no merge, a validated and normalized adapter directory",
+    )
+    m.add_argument(
+        "--quant-type", choices=["nf4", "fp4"], help="merged_4bit: 4-bit type (default: the input's, or nf4)"
+    )
+    m.add_argument("--blocksize", type=int, help="merged_4bit: quantization block size (default: the input's, or 64)")
+    m.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="merged_4bit: quantize the statistics too (default: the input's, or on)",
+    )
+    m.add_argument(
+        "--compress",
+        metavar="zstd[:LEVEL]",
+        help="write archival *.safetensors.zst shards (restore with 'streammerge decompress')",
+    )
+    m.add_argument(
+        "--checksum",
+        default="crc32",
+        choices=["crc32", "sha256"],
+        help="per-shard checksum kept in the journal and report (crc32: fast; sha256: as sha256sum prints)",
+    )
+
+
+def _run_args(m: argparse.ArgumentParser) -> None:
+    m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    m.add_argument(
+        "--executor",
+        default="inprocess",
+        choices=EXECUTOR_CHOICES,
+        help="inprocess (default): this process; local: --workers processes, one output shard each; "
+        "ray: one Ray task per output shard (needs streammerge[ray]; --address for a cluster)",
+    )
+    m.add_argument("--workers", type=int, default=2, help="worker processes for --executor local (2)")
+    m.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local one)")
+    m.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run (killed, Ctrl-C, disk full) with the same inputs and options, "
+        "keeping its complete shards",
+    )
+    m.add_argument(
+        "--verify",
+        action="store_true",
+        help="after writing, check the output (index, headers, checksums) and recompute --verify-sample tensors",
+    )
+    m.add_argument("--verify-sample", type=int, default=32, metavar="N", help="tensors recomputed by --verify (32)")
+
+
+def print_plan(report, out) -> None:
+    w = out.write
+    w(f"base:     {report.base}\n")
+    for a in report.adapters:
+        w(f"adapter:  {a['path']} (weight {a['weight']:g})\n")
+    w(f"output:   {report.out}  dtype={report.options['dtype']} device={report.device}\n")
+    w(
+        f"modules:  {len(report.modules)} updates on {report.tensors_merged} tensors; "
+        f"{report.tensors_copied} of {report.tensors_total} tensors copied unchanged\n"
+    )
+    for mrec in report.modules:
+        detail = f"r={mrec['r']} alpha={mrec['alpha']:g} scaling={mrec['scaling']:.6g}" if mrec["r"] else ""
+        w(f"  {mrec['kind']:<9} {mrec['tensor']}  <- {mrec['module']}  {detail}\n")
+    w("shards:\n")
+    for s in report.shards:
+        w(f"  {s['file']}  {fmt_bytes(s['bytes'])}  {s['tensors']} tensors\n")
+    w(f"total:    {fmt_bytes(report.total_size)} ({report.total_size} bytes)\n")
+    if report.free_disk_bytes is not None:
+        w(f"free:     {fmt_bytes(report.free_disk_bytes)} at the output location\n")
+    for n in report.notes:
+        w(f"note:     {n}\n")
+
+
+def print_summary(report, out) -> None:
+    secs = report.seconds.get("total", 0.0)
+    rate = report.total_size / secs / 2**20 if secs else 0.0
+    out.write(
+        f"merged {report.tensors_merged} tensors ({len(report.modules)} module updates) into {report.out}: "
+        f"{len(report.shards)} shard(s), {fmt_bytes(report.total_size)} in {secs:.1f}s ({rate:.0f} MiB/s), "
+        f"peak RSS {fmt_bytes(report.peak_rss_bytes)}\n"
+    )
+    for n in report.notes:
+        out.write(f"note: {n}\n")
+
+
+def run(args, log) -> int:
+    from ..merge import merge
+
+    progress = not args.no_progress and not args.quiet and sys.stderr.isatty()
+    report = merge(
+        args.base,
+        args.adapter,
+        args.out,
+        adapters=args.extra_adapters,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        device=args.device,
+        save_method=args.save_method,
+        dry_run=args.dry_run,
+        overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
+        resume=args.resume,
+        compress=args.compress,
+        checksum=args.checksum,
+        direct_io=args.direct_io,
+        executor=args.executor,
+        workers=args.workers,
+        address=args.address,
+        progress=progress,
+        max_memory=args.max_memory,
+        quant_type=args.quant_type,
+        blocksize=args.blocksize,
+        double_quant=args.double_quant,
+    )
+    for w in report.warnings:
+        log.warning(w)
+    if args.verify and not args.dry_run:
+        from ..errors import VerifyError
+        from ..verify import verify
+
+        vr = verify(args.out, args.base, [args.adapter, *args.extra_adapters], args.verify_sample)
+        if not vr.ok:
+            raise VerifyError(f"{args.out}: verification failed", details=vr.problems)
+        log.info("verified: %d shard checksums, %d tensors recomputed bit for bit", vr.checksums_checked, vr.recomputed)
+    if args.json:
+        print_json(report.to_dict())
+    elif args.dry_run:
+        print_plan(report, sys.stdout)
+    elif not args.quiet:
+        print_summary(report, sys.stderr)
+    return EXIT_OK

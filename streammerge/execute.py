@@ -1,0 +1,262 @@
+"""The block executor: computes the bytes of each planned output tensor, one row block at a time,
+within the memory budget, on a device (CUDA out-of-memory falls back to smaller blocks, then the CPU).
+
+Per block: decode the base rows (:mod:`streammerge.formats`), widen to fp32, apply the updates
+(:mod:`streammerge.lora`), round to the output dtype, and encode them for the output format if the
+job says so (:mod:`streammerge.sinks`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from . import formats, lora
+from .errors import NonFiniteError, OutputError
+from .match import BiasDelta, Dora, LowRank
+from .options import MergeOptions
+from .plan import TensorJob
+from .report import MergeReport, anon_bytes
+from .sinks.safetensors import staging_bytes
+from .source import DTYPES, Reader, TensorRef, numel, tensor_bytes
+
+COPY_CHUNK = 64 * 1024 * 1024
+WRITE_QUEUE = 1  # blocks queued for the writer thread; work buffers rotate through WRITE_QUEUE + 2 slots
+ROW_ALIGN = 64
+COL_ALIGN = 256
+
+
+class Workspace:
+    """Reusable flat work buffers: steady-state merging allocates (and page-faults) nothing new."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        self._slot = 0
+
+    def next_slot(self) -> int:
+        """Rotate output buffers: the blocks still queued for the writer keep theirs."""
+        self._slot = (self._slot + 1) % (WRITE_QUEUE + 2)
+        return self._slot
+
+    def take(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        n = numel(shape)
+        buf = self._bufs.get((key, dtype, device))
+        if buf is None or buf.numel() < n:
+            self._bufs.pop((key, dtype, device), None)
+            buf = torch.empty(n, dtype=dtype, device=device)
+            self._bufs[(key, dtype, device)] = buf
+        return buf[:n].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+
+class Executor:
+    """Computes the bytes of each output tensor, block by block."""
+
+    def __init__(
+        self,
+        reader: Reader,
+        opts: MergeOptions,
+        device: torch.device,
+        report: MergeReport,
+        ws: Workspace | None = None,
+    ):
+        self.reader = reader
+        self.opts = opts
+        self.device = device
+        self.report = report
+        self.peak_anon = 0
+        self.ws = ws or Workspace()  # shared by the jobs of a batch: one set of buffers, not one per job
+        self._zero_warned: set[str] = set()
+        self._budget_warnings: dict[str, tuple[int, int, int, str]] = {}
+        self.stage = {"read": 0.0, "dequant": 0.0, "merge": 0.0}
+
+    def _adapter_tensor(self, ref: TensorRef, role: str, dev: torch.device) -> torch.Tensor:
+        t = self.reader.tensor(ref).to(torch.float32)  # PEFT upcasts adapter weights to fp32 at load
+        if not self.opts.allow_nonfinite and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(
+                f"{ref.file}: adapter tensor {ref.name!r} ({role}) contains NaN or Inf",
+                hint="the adapter is broken (diverged training?); pass --allow-nonfinite to merge anyway",
+            )
+        if role == "lora_B" and not bool(t.any()) and ref.name not in self._zero_warned:
+            self._zero_warned.add(ref.name)
+            self.report.warnings.append(f"{ref.name} is all zero: merging it changes nothing")
+        return t.to(dev)
+
+    @property
+    def budget(self) -> int:
+        """Work memory for merge blocks: ``--max-memory`` less the writer's O_DIRECT staging buffer."""
+        return self.opts.block_bytes - staging_bytes(self.opts)
+
+    def bytes_per_element(self, job: TensorJob) -> int:
+        """Work memory per weight element while merging a block: the fp32 rows and rounded output in
+        each of the rotating write slots, the fp32 delta, decoding and encoding temporaries."""
+        out_size = DTYPES[job.dtype][0]
+        cost = (WRITE_QUEUE + 2) * (4 + (0 if out_size == 4 else out_size)) + 4
+        if not formats.is_dense(job.source):
+            cost += job.source.work_bytes
+        elif job.source.dtype != job.dtype:
+            cost += out_size
+        if job.encoding is not None:
+            cost += job.encoding.work_bytes
+        return cost
+
+    def _over_budget(self, job: TensorJob, need: int) -> None:
+        """One warning per cause (updated in place as more tensors share it), not one per tensor."""
+        why = (
+            "merged_4bit re-quantization" if job.encoding else "DoRA norms" if job.updates else "an unsplittable tensor"
+        )
+        idx, count, most, first = self._budget_warnings.get(why, (len(self.report.warnings), 0, 0, job.name))
+        count, most = count + 1, max(most, need)
+        text = (
+            f"{why} needs whole tensors at once: {count} tensor(s) (first {first}) need up to "
+            f"{most / 2**20:.0f} MiB of work memory, more than the {self.budget / 2**20:.0f} MiB left of the budget"
+        )
+        if idx == len(self.report.warnings):
+            self.report.warnings.append(text)
+        else:
+            self.report.warnings[idx] = text
+        self._budget_warnings[why] = (idx, count, most, first)
+
+    @staticmethod
+    def _whole(job: TensorJob) -> bool:
+        """Rows cannot be split: an encoding over whole tensors, or DoRA's norms over columns."""
+        enc = job.encoding is not None and job.encoding.whole_tensor
+        return enc or any(isinstance(u, Dora) for u in job.updates)
+
+    def _block_rows(self, job: TensorJob) -> int:
+        rows = job.shape[0] if job.shape else 1
+        if len(job.shape) < 2 or self._whole(job):
+            return max(rows, 1)
+        per_row = numel(job.shape[1:]) * self.bytes_per_element(job)
+        n = self.budget // max(per_row, 1)
+        return min(rows, max(self._align(job), n // self._align(job) * self._align(job)))
+
+    @staticmethod
+    def _align(job: TensorJob) -> int:
+        # BLAS tiles rows (and columns, for transposed deltas) in small fixed groups: blocks that
+        # start on a multiple of the alignment reproduce the unblocked product bit for bit.
+        return COL_ALIGN if any(isinstance(u, LowRank) and u.transposed for u in job.updates) else ROW_ALIGN
+
+    def _prepare(self, job: TensorJob, dev: torch.device) -> tuple[Callable, list]:
+        """The base-row reader and the adapter tensors of ``job``, on ``dev`` (adapter tensors are
+        checked for NaN/Inf as they are loaded)."""
+        rows_of = formats.rows_of(job.source, self.reader, self.ws, dev)
+        prepared = []
+        for u in job.updates:
+            if isinstance(u, (LowRank, Dora)):
+                a, b = self._adapter_tensor(u.a, "lora_A", dev), self._adapter_tensor(u.b, "lora_B", dev)
+                extra = self._adapter_tensor(u.magnitude, "DoRA magnitude", dev) if isinstance(u, Dora) else None
+                prepared.append((u, a, b, extra))
+            elif isinstance(u, BiasDelta):
+                prepared.append((u, self._adapter_tensor(u.vec, "lora_B.bias", dev), None, None))
+            else:
+                prepared.append((u, self._adapter_tensor(u.values, "trainable tokens", dev), None, None))
+        return rows_of, prepared
+
+    def blocks(self, job: TensorJob) -> Iterator[tuple[str, memoryview]]:
+        """``(tensor name, bytes)`` of the job's output(s), in order. On an accelerator that runs out
+        of memory, the block is retried at half the rows, and at the smallest block on the CPU."""
+        if job.is_copy:
+            for off in range(0, job.nbytes, COPY_CHUNK):
+                yield job.name, self.reader.raw(job.source, off, min(COPY_CHUNK, job.nbytes - off))
+            return
+        out_dtype = DTYPES[job.dtype][1]
+        dev = self.device
+        rows_of, prepared = self._prepare(job, dev)
+        rows = job.shape[0] if job.shape else 1
+        step = self._block_rows(job)
+        need = step * numel(job.shape[1:]) * self.bytes_per_element(job)
+        if need > self.budget and len(job.shape) >= 2 and step == rows:
+            self._over_budget(job, need)
+        r0 = 0
+        while r0 < rows:
+            r1 = min(rows, r0 + step)
+            try:
+                t = time.perf_counter()
+                out = self._merge_block(job, rows_of, prepared, r0, r1, rows, out_dtype)
+                self.stage["merge"] += time.perf_counter() - t
+            except torch.OutOfMemoryError:
+                step, dev = self._after_oom(job, dev, step, r1 - r0)
+                rows_of, prepared = self._prepare(job, dev)
+                continue
+            self.peak_anon = max(self.peak_anon, anon_bytes())
+            if job.encoding is not None:
+                for name, t in job.encoding.encode(job.name, out, self.ws):
+                    yield name, tensor_bytes(t)
+            else:
+                yield job.name, tensor_bytes(out)
+            r0 = r1
+
+    def _after_oom(self, job: TensorJob, dev: torch.device, step: int, rows: int) -> tuple[int, torch.device]:
+        """The block size and device to retry with after an out-of-memory error."""
+        if dev.type == "cpu":
+            raise OutputError(
+                f"out of memory merging {job.name!r} even in blocks of {rows} rows",
+                hint="lower --max-memory (smaller blocks) or free memory",
+            ) from None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        align = self._align(job)
+        if step > align and not self._whole(job):
+            step = max(align, (step // 2) // align * align)
+            self.report.notes.append(f"{job.name}: {dev.type} out of memory, retrying in {step}-row blocks")
+            return step, dev
+        self.report.notes.append(f"{job.name}: {self.device.type} out of memory, merged on the CPU")
+        return step, torch.device("cpu")
+
+    def _merge_block(self, job, rows_of, prepared, r0: int, r1: int, rows: int, out_dtype) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of the merged tensor, rounded to ``out_dtype`` (a view of a work buffer)."""
+        whole = r0 == 0 and r1 == rows
+        shape = (r1 - r0, *job.shape[1:]) if len(job.shape) >= 2 else job.shape
+        t = time.perf_counter()
+        blk = rows_of(r0, r1).reshape(shape)
+        if blk.dtype != out_dtype and out_dtype != torch.float32:
+            blk = blk.to(out_dtype)  # the base as loaded in the output dtype, as PEFT would see it
+        slot = self.ws.next_slot()
+        w = self.ws.take(f"w{slot}", shape, torch.float32, blk.device)
+        w.copy_(blk)
+        self.stage["read" if formats.is_dense(job.source) else "dequant"] += time.perf_counter() - t
+        for u, a, b, extra in prepared:
+            w = self._apply(u, a, b, extra, w, shape, r0, r1, whole, out_dtype)
+        if out_dtype == torch.float32:
+            out = w
+        else:
+            out = self.ws.take(f"o{slot}", shape, out_dtype, w.device)
+            out.copy_(w)
+        if not self.opts.allow_nonfinite and not finite_in(w, out_dtype):
+            raise NonFiniteError(
+                f"merging into {job.name!r} produced NaN or Inf (rows {r0}..{r1})",
+                hint="the adapter's update overflows the output dtype; try --dtype fp32 or bf16, "
+                "or --allow-nonfinite to write it anyway",
+            )
+        return out
+
+    def _apply(self, u, a, b, extra, w, shape, r0: int, r1: int, whole: bool, out_dtype) -> torch.Tensor:
+        """One update on the fp32 block ``w`` (rows ``[r0, r1)``); returns the updated block."""
+        if isinstance(u, LowRank):
+            if u.transposed:
+                delta = lora.lowrank_delta(a if whole else a[:, r0:r1].contiguous(), b, u.scaling, True)
+            else:
+                d = self.ws.take("d", shape, torch.float32, w.device)
+                delta = lora.lowrank_delta(a, b if whole else b[r0:r1], u.scaling, False, out=d)
+            return lora.apply_lowrank(w, delta, u.weight, out_dtype if u.round_delta else None)
+        if isinstance(u, BiasDelta):
+            return lora.apply_bias(w, a, u.scaling, u.weight)
+        if isinstance(u, Dora):
+            delta = lora.lowrank_delta(a, b, u.scaling, u.embedding or u.fan_in_fan_out)
+            return lora.dora_merge(w, delta, extra, u.fan_in_fan_out, u.embedding)
+        return lora.replace_rows(w, r0, u.indices, a)  # RowReplace
+
+
+def finite_in(w: torch.Tensor, dtype: torch.dtype) -> bool:
+    """No NaN/Inf in fp32 ``w``, and nothing that overflows ``dtype`` when rounded (no temporaries)."""
+    if w.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(w)
+    lim = torch.finfo(dtype).max
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)) and -lim <= float(lo) and float(hi) <= lim

@@ -1,0 +1,433 @@
+"""Adapter -> base: which base tensor each adapter tensor updates or replaces, and how.
+
+PEFT names modules as the wrapped model sees them (``model.layers.0.self_attn.q_proj``); a
+checkpoint may carry a different top-level prefix (``h.0.attn.c_attn`` in an original GPT-2,
+``transformer.`` when saved from GPT2LMHeadModel). One prefix rule is chosen for the whole adapter,
+so a partial match can never hide behind a per-key guess. On top of the key map: tied embeddings,
+``modules_to_save`` replacements (resized vocabularies), trainable tokens and LoRA biases. Every
+adapter tensor must be used exactly once. Pure: headers and configs in, :class:`Match` out.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .adapter import Adapter, LoraModule
+from .errors import AdapterError
+from .source import TensorRef
+
+#: weight names under which architectures keep their input embedding.
+EMBEDDING_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "tok_embeddings.weight",
+    "shared.weight",
+)
+OUTPUT_NAMES = ("lm_head", "embed_out")
+OUT_KEY = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """``W += weight * transpose?(B @ A) * scaling``; ``round_delta`` rounds the delta to W's dtype first
+    (PEFT's Embedding merge)."""
+
+    a: TensorRef
+    b: TensorRef
+    scaling: float
+    weight: float
+    transposed: bool
+    round_delta: bool
+    origin: str
+
+
+@dataclass(frozen=True)
+class BiasDelta:
+    """``bias += weight * lora_B.bias * scaling``."""
+
+    vec: TensorRef
+    scaling: float
+    weight: float
+    origin: str
+
+
+@dataclass(frozen=True)
+class Dora:
+    """DoRA: ``W = (m / ||W0 + dW||) * (W0 + dW)``, norms per output row (``embedding``: per column)."""
+
+    a: TensorRef
+    b: TensorRef
+    magnitude: TensorRef
+    scaling: float
+    fan_in_fan_out: bool
+    embedding: bool
+    origin: str
+
+
+@dataclass(frozen=True)
+class RowReplace:
+    """Trainable tokens: rows ``indices`` take ``values`` (cast to the output dtype)."""
+
+    indices: tuple[int, ...]
+    values: TensorRef
+    origin: str
+
+
+Update = LowRank | BiasDelta | Dora | RowReplace
+
+
+@dataclass(frozen=True)
+class ModuleRecord:
+    """What the report says about one merged module."""
+
+    adapter: str
+    module: str
+    tensor: str
+    kind: str
+    r: int
+    alpha: float
+    scaling: float
+    weight: float
+
+
+@dataclass
+class Match:
+    """Per base tensor: its updates and its replacement; what the report and config must say."""
+
+    embed_key: str | None
+    tied: bool
+    updates: dict[str, list[Update]] = field(default_factory=dict)
+    replaced: dict[str, tuple[Adapter, TensorRef]] = field(default_factory=dict)
+    records: list[ModuleRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    untie: bool = False
+
+
+# --- key maps --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """Rename rule: drop ``strip`` from the front of a PEFT module name, then prepend ``add``."""
+
+    strip: str = ""
+    add: str = ""
+
+    def to_base(self, module: str) -> str | None:
+        if not module.startswith(self.strip):
+            return None
+        return self.add + module[len(self.strip) :]
+
+    def to_peft(self, base_module: str) -> str | None:
+        if not base_module.startswith(self.add):
+            return None
+        return self.strip + base_module[len(self.add) :]
+
+
+def module_of(tensor_name: str) -> tuple[str, str]:
+    """``a.b.weight`` -> (``a.b``, ``weight``)."""
+    head, _, param = tensor_name.rpartition(".")
+    return head, param
+
+
+def candidate_keymaps(modules: Iterable[str], base_names: Iterable[str]) -> list[KeyMap]:
+    maps = [KeyMap()]
+    firsts = {m.split(".", 1)[0] + "." for m in modules if "." in m}
+    maps += [KeyMap(strip=f) for f in sorted(firsts)]
+    prefixes = {n.split(".", 1)[0] + "." for n in base_names if "." in n}
+    maps += [KeyMap(add=p) for p in sorted(prefixes)]
+    maps += [KeyMap(strip=f, add=p) for f in sorted(firsts) for p in sorted(prefixes) if f != p]
+    return maps
+
+
+def choose_keymap(modules: list[str], base_modules: set[str], special: set[str] = frozenset()) -> KeyMap:
+    """The rename rule under which the most adapter modules exist in the base (identity on ties)."""
+    best, best_hits = KeyMap(), -1
+    for km in candidate_keymaps(modules, base_modules):
+        hits = 0
+        for m in modules:
+            b = km.to_base(m)
+            if b is not None and (b in base_modules or b in special):
+                hits += 1
+        if hits > best_hits:
+            best, best_hits = km, hits
+    return best
+
+
+def find_input_embedding(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """The checkpoint's input embedding weight, if it has exactly one recognisable one."""
+    found = [n for n, s in shapes.items() if len(s) == 2 and n.endswith(EMBEDDING_SUFFIXES)]
+    if len(found) > 1:
+        found = [n for n in found if "vision" not in n and "encoder." not in n] or found
+    return found[0] if len(found) == 1 else None
+
+
+def is_tied(config: dict, names: set[str], output_key: str = OUT_KEY) -> bool:
+    """Whether the output embedding shares the input embedding's tensor.
+
+    ``tie_word_embeddings`` decides when present (also under ``text_config``); when absent the
+    checkpoint decides: no output projection stored means tied.
+    """
+    for cfg in (config, config.get("text_config") or {}):
+        if isinstance(cfg, dict) and isinstance(cfg.get("tie_word_embeddings"), bool):
+            if cfg["tie_word_embeddings"] and output_key in names:
+                return False  # stored explicitly: treat as its own tensor
+            return cfg["tie_word_embeddings"]
+    return output_key not in names
+
+
+def is_vocab(target: str, embed_key: str | None) -> bool:
+    """An input or output embedding: the tensors whose rows a resized vocabulary changes."""
+    return target == embed_key or module_of(target)[0].endswith(OUTPUT_NAMES)
+
+
+# --- matching --------------------------------------------------------------------------------------
+
+
+def match_adapters(shapes: dict[str, tuple[int, ...]], config: dict, adapters: list[Adapter], where: str) -> Match:
+    """Match every adapter tensor to the base tensors ``shapes`` (logical names and shapes) of the
+    checkpoint at ``where``; check shapes; refuse unmatched or unused adapter tensors."""
+    names = set(shapes)
+    embed_key = find_input_embedding(shapes)
+    m = _Matcher(shapes, names, Match(embed_key, embed_key is not None and is_tied(config, names)), where)
+    for ad in adapters:
+        m.adapter(ad)
+    m.bias_updates()
+    for name, ups in m.match.updates.items():
+        if any(isinstance(u, Dora) for u in ups) and sum(isinstance(u, (Dora, LowRank)) for u in ups) > 1:
+            raise AdapterError(
+                f"{name!r}: a DoRA update cannot be combined with other LoRA updates on the same tensor",
+                hint="merge the DoRA adapter on its own, then merge the others onto its output",
+            )
+    return m.match
+
+
+class _Matcher:
+    """The matching state across the adapters of one merge."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], names: set[str], match: Match, where: str):
+        self.shapes, self.names, self.match, self.where = shapes, names, match, where
+        self.base_modules = {module_of(n)[0] for n in names}
+        self.pending_bias: dict[str, list[tuple[Adapter, LoraModule]]] = {}
+
+    def base_name(self, km: KeyMap, module: str, param: str = "weight") -> str | None:
+        b = km.to_base(module)
+        if b is None:
+            return None
+        name = f"{b}.{param}"
+        if name in self.names:
+            return name
+        if self.match.tied and b == "lm_head" and param == "weight":
+            return self.match.embed_key
+        return None
+
+    def adapter(self, ad: Adapter) -> None:
+        mods = list(ad.modules) + list(ad.tokens) + [module_of(n)[0] for n in ad.replacements]
+        km = choose_keymap(mods, self.base_modules, {"lm_head"} if self.match.tied else set())
+        unmatched: list[str] = []
+        used: set[str] = set()
+        for name, ref in ad.replacements.items():
+            self.replacement(ad, km, name, ref, unmatched, used)
+        self.lora_modules(ad, km, unmatched, used)
+        for mod, td in ad.tokens.items():
+            base = self.base_name(km, mod)
+            if base is None:
+                unmatched.append(td.values.name)
+                continue
+            self.match.updates.setdefault(base, []).append(RowReplace(td.indices, td.values, ad.path))
+            used.add(td.values.name)
+            self.match.records.append(ModuleRecord(ad.path, mod, base, "tokens", 0, 0.0, 0.0, 1.0))
+        if unmatched:
+            raise AdapterError(
+                f"{ad.weights_file}: {len(unmatched)} of {len(ad.tensors)} adapter tensor(s) match no tensor of "
+                f"the base {self.where}",
+                details=sorted(unmatched),
+                hint="the adapter was trained on a different model, or the base checkpoint uses other tensor names",
+            )
+        check_targets_present(ad, km, self.base_modules)
+        unused = set(ad.tensors) - used
+        if unused:
+            raise AdapterError(
+                f"{ad.weights_file}: {len(unused)} adapter tensor(s) would not be used", details=sorted(unused)
+            )
+
+    def replacement(self, ad: Adapter, km: KeyMap, name: str, ref: TensorRef, unmatched: list, used: set) -> None:
+        """A full tensor saved by PEFT (modules_to_save, biases, embedding copies) replaces a base tensor."""
+        mt = self.match
+        mod, param = module_of(name)
+        target = base = self.base_name(km, mod, param)
+        if base is None:
+            if mt.tied and km.to_base(mod) == "lm_head" and param == "weight":
+                target = OUT_KEY  # modules_to_save on a tied lm_head: written as its own tensor
+            else:
+                unmatched.append(ref.name)
+                return
+        elif mt.tied and base == mt.embed_key and name not in ad.base_layer_copies:
+            mt.untie = True  # modules_to_save on one side of a tie gives it its own tensor
+            if mod.endswith("lm_head"):
+                target = OUT_KEY
+        if target in mt.replaced and mt.replaced[target][0] is ad and name in ad.base_layer_copies:
+            used.add(ref.name)  # PEFT saved the shared tensor of a tie twice (embed_tokens and lm_head)
+            return
+        if target in mt.replaced:
+            raise AdapterError(
+                f"{target!r} is replaced by both {mt.replaced[target][0].path} and {ad.path}",
+                hint="two adapters cannot both replace a full module (modules_to_save); merge them separately",
+            )
+        if target == OUT_KEY and OUT_KEY not in self.names:
+            mt.untie = True
+        self.check_replacement_shape(ad, ref, target)
+        mt.replaced[target] = (ad, ref)
+        used.add(ref.name)
+        mt.records.append(ModuleRecord(ad.path, mod, target, "replace", 0, 0.0, 0.0, 1.0))
+
+    def check_replacement_shape(self, ad: Adapter, ref: TensorRef, target: str) -> None:
+        embed_key = self.match.embed_key
+        base_shape = self.shapes.get(target, self.shapes.get(embed_key) if target == OUT_KEY else None)
+        if base_shape is None:
+            return
+        if len(ref.shape) != len(base_shape):
+            raise AdapterError(
+                f"{ad.weights_file}: {ref.name} {list(ref.shape)} cannot replace {target!r} {list(base_shape)}",
+                hint="the adapter was trained on a different model",
+            )
+        resized_vocab = len(ref.shape) == 2 and ref.shape[1:] == base_shape[1:] and is_vocab(target, embed_key)
+        if ref.shape != base_shape and not resized_vocab:
+            raise AdapterError(
+                f"{ad.weights_file}: {ref.name} {list(ref.shape)} cannot replace {target!r} {list(base_shape)}",
+                hint="only embedding/lm_head rows may differ (a resized vocabulary)",
+            )
+
+    def lora_modules(self, ad: Adapter, km: KeyMap, unmatched: list, used: set) -> None:
+        mt = self.match
+        # ensure_weight_tying: PEFT adds a tied lm_head LoRA that mirrors the embedding LoRA. Both land on
+        # the one shared tensor, and PEFT's merge adds the delta twice; the unmerged model applies it once.
+        mirrored_tie = (
+            mt.tied
+            and bool(ad.config.get("ensure_weight_tying"))
+            and any(lm.kind == "embedding" and self.base_name(km, m) == mt.embed_key for m, lm in ad.modules.items())
+        )
+        for mod, lm in ad.modules.items():
+            parts = [t.name for t in (lm.a, lm.b, lm.bias, lm.magnitude) if t]
+            base = self.base_name(km, mod)
+            if base is None:
+                unmatched += parts
+                continue
+            used.update(parts)
+            if mirrored_tie and base == mt.embed_key and lm.kind == "linear":
+                mt.notes.append(
+                    f"ensure_weight_tying: {mod} mirrors the tied embedding's LoRA; its update is applied once "
+                    "(PEFT's merge_and_unload applies it twice, which changes the model's outputs)"
+                )
+                continue
+            shape = mt.replaced[base][1].shape if base in mt.replaced else self.shapes[base]
+            mt.updates.setdefault(base, []).extend(self.lora_updates(ad, lm, base, shape))
+            kind = "dora" if lm.magnitude else lm.kind
+            mt.records.append(ModuleRecord(ad.path, mod, base, kind, lm.r, lm.alpha, lm.scaling, ad.weight))
+            if base == mt.embed_key and mt.tied and mod.endswith("lm_head"):
+                mt.notes.append(
+                    f"{mod}: tied to {mt.embed_key}; the LoRA update goes into that shared tensor, so it also "
+                    "changes the input embedding (as in PEFT's merge_and_unload)"
+                )
+
+    def lora_updates(self, ad: Adapter, lm: LoraModule, base: str, shape: tuple[int, ...]) -> list[Update]:
+        """Check shapes and build the updates one LoRA module contributes to ``base``."""
+        check_lora_shapes(ad, lm, base, shape)
+        if lm.magnitude is not None:
+            if ad.weight != 1.0:
+                raise AdapterError(
+                    f"{ad.path}: DoRA adapters cannot be merged with a weight ({ad.weight:g})",
+                    hint="DoRA rescales the whole weight; pass the adapter without :WEIGHT",
+                )
+            embedding = lm.kind == "embedding"
+            upd: list[Update] = [Dora(lm.a, lm.b, lm.magnitude, lm.scaling, lm.fan_in_fan_out, embedding, ad.path)]
+        else:
+            transposed = lm.kind == "embedding" or lm.fan_in_fan_out
+            upd = [LowRank(lm.a, lm.b, lm.scaling, ad.weight, transposed, lm.kind == "embedding", ad.path)]
+        if lm.bias is not None:
+            bias_name = module_of(base)[0] + ".bias"
+            if bias_name not in self.names:
+                raise AdapterError(
+                    f"{ad.weights_file}: {lm.bias.name} is a LoRA bias (lora_bias=true) but base module "
+                    f"{module_of(base)[0]!r} has no bias",
+                    hint="the adapter was trained on a different model",
+                )
+            self.pending_bias.setdefault(bias_name, []).append((ad, lm))
+        return upd
+
+    def bias_updates(self) -> None:
+        for bias_name, items in self.pending_bias.items():
+            for ad, lm in items:
+                if lm.bias.shape != self.shapes[bias_name]:
+                    raise AdapterError(
+                        f"{ad.weights_file}: {lm.bias.name} {list(lm.bias.shape)} does not fit {bias_name!r} "
+                        f"{list(self.shapes[bias_name])}"
+                    )
+                self.match.updates.setdefault(bias_name, []).append(BiasDelta(lm.bias, lm.scaling, ad.weight, ad.path))
+
+
+def _shape_error(ad: Adapter, lm: LoraModule, base: str, base_shape, detail: str) -> AdapterError:
+    return AdapterError(
+        f"{ad.weights_file}: module {lm.module!r} does not fit base tensor {base!r} {list(base_shape)}: {detail}",
+        hint="the adapter was trained on a different model (check base_model_name_or_path in adapter_config.json)",
+    )
+
+
+def check_lora_shapes(ad: Adapter, lm: LoraModule, base: str, shape: tuple[int, ...]) -> None:
+    """``lora_A``/``lora_B`` (and a DoRA magnitude) must fit the base weight's layout."""
+    a, b = lm.a.shape, lm.b.shape
+    if len(shape) != 2:
+        raise _shape_error(ad, lm, base, shape, "LoRA needs a 2-D weight")
+    if lm.kind == "linear":
+        out_f, in_f = (shape[1], shape[0]) if lm.fan_in_fan_out else shape
+        if b[0] != out_f or a[1] != in_f:
+            layout = "[in, out] (fan_in_fan_out)" if lm.fan_in_fan_out else "[out, in]"
+            implied = [a[1], b[0]] if lm.fan_in_fan_out else [b[0], a[1]]
+            detail = f"{lm.a.name} {list(a)} and {lm.b.name} {list(b)} imply {layout} = {implied}"
+            raise _shape_error(ad, lm, base, shape, detail)
+    elif a[1] != shape[0] or b[0] != shape[1]:
+        detail = f"{lm.a.name} {list(a)} and {lm.b.name} {list(b)} imply [{a[1]}, {b[0]}]"
+        raise _shape_error(ad, lm, base, shape, detail)
+    if lm.magnitude is not None:
+        rows = shape[1] if (lm.kind == "embedding" or lm.fan_in_fan_out) else shape[0]
+        if lm.magnitude.shape != (rows,):
+            raise _shape_error(ad, lm, base, shape, f"{lm.magnitude.name} {list(lm.magnitude.shape)} != [{rows}]")
+
+
+def _targets(pm: str, spec) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, pm) is not None
+    return any(pm == t or pm.endswith("." + t) for t in spec)
+
+
+def check_targets_present(ad: Adapter, km: KeyMap, base_modules: set[str]) -> None:
+    """A module the config targets but the file lacks would keep PEFT's random init: an error."""
+    targets = ad.config.get("target_modules")
+    if not targets or targets == "all-linear":
+        return
+    layers = ad.config.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    exclude = ad.config.get("exclude_modules")
+    missing = []
+    for bm in sorted(base_modules):
+        pm = km.to_peft(bm)
+        if pm is None or not _targets(pm, targets) or (exclude and _targets(pm, exclude)):
+            continue
+        if layers:
+            m = re.search(r"\.(\d+)\.", pm)
+            if m is None or int(m.group(1)) not in layers:
+                continue
+        if pm not in ad.modules:
+            missing.append(pm)
+    if missing:
+        raise AdapterError(
+            f"{ad.weights_file}: adapter_config.json targets {len(missing)} module(s) that have no LoRA tensors",
+            details=missing,
+            hint="PEFT would leave these at random initialisation; the adapter file is incomplete or the "
+            "config belongs to another adapter",
+        )

@@ -1,0 +1,171 @@
+"""What a run is asked: :class:`MergeOptions`, and the parsing of user-facing values into it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+
+from .errors import InputError
+from .source import DTYPE_ALIASES
+
+SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
+DEFAULT_MAX_MEMORY = "128MiB"
+CHECKSUMS = ("crc32", "sha256")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class QuantOut:
+    """Re-quantize an output to bitsandbytes 4-bit (``merged_4bit``)."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    dtype: str = "auto"  # auto or a safetensors float dtype name
+    shard_size: int = 5_000_000_000
+    device: str = "auto"
+    save_method: str = "merged_16bit"
+    quant: QuantOut | None = None  # merged_4bit settings for a 16-bit base (None: the input's own)
+    compress: int | None = None  # zstd level: write *.safetensors.zst shards (archival)
+    checksum: str = "crc32"  # per-shard checksum in the journal and report: crc32 or sha256
+    allow_nonfinite: bool = False
+    block_bytes: int = 64 * 1024 * 1024
+    direct_io: bool = True  # write plain shards with O_DIRECT where the filesystem allows it
+
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """``5GB``, ``512MiB``, ``1e9`` or a plain byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    i = len(s)
+    while i and not (s[i - 1].isdigit() or s[i - 1] == "."):
+        i -= 1
+    num, unit = s[:i], s[i:]
+    if unit not in _UNITS or not num:
+        raise ValueError(f"not a size: {text!r} (use e.g. 5GB, 500MB, 2GiB)")
+    value = float(num) * _UNITS[unit]
+    if value <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return int(value)
+
+
+def parse_memory(value: int | str | float) -> int:
+    """``--max-memory``: a size (``256MiB``, ``2GB``) or a fraction of the available RAM (``0.25``)."""
+    text = str(value).strip()
+    try:
+        frac = float(text)
+    except ValueError:
+        frac = None
+    if frac is not None and 0 < frac < 1:
+        return int(psutil.virtual_memory().available * frac)
+    return parse_size(value if not isinstance(value, float) else int(value))
+
+
+def resolve_dtype(name: str) -> str:
+    if name == "auto":
+        return "auto"
+    key = name.lower()
+    if key not in DTYPE_ALIASES:
+        raise ValueError(f"unknown dtype {name!r}: use auto, bf16, fp16 or fp32")
+    return DTYPE_ALIASES[key]
+
+
+def resolve_device(name: str):
+    """``auto`` -> CUDA when available, else the CPU; ``cuda`` without a device is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available", hint="use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {name!r}", hint="use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def parse_compress(spec: str | int | None) -> int | None:
+    """``zstd`` or ``zstd:LEVEL`` (1-22; default 3) -> the zstd level; None -> no compression."""
+    if spec is None or spec is False:
+        return None
+    text = str(spec)
+    name, _, level = text.partition(":")
+    if name != "zstd":
+        raise InputError(f"unknown compression {text!r}", hint="use zstd or zstd:LEVEL")
+    try:
+        value = int(level) if level else 3
+    except ValueError:
+        raise InputError(f"--compress {text!r}: the level must be an integer") from None
+    if not 1 <= value <= 22:
+        raise InputError(f"--compress {text!r}: zstd levels go from 1 to 22")
+    return value
+
+
+def _quant_out(save_method: str, quant_type, blocksize, double_quant) -> QuantOut | None:
+    if quant_type is None and blocksize is None and double_quant is None:
+        return None
+    if save_method != "merged_4bit":
+        raise InputError("--quant-type/--blocksize/--double-quant only apply to --save-method merged_4bit")
+    if quant_type not in (None, "nf4", "fp4"):
+        raise InputError(f"unknown quant type {quant_type!r}", hint="use nf4 or fp4")
+    if blocksize not in (None, *BLOCKSIZES):
+        raise InputError(f"invalid blocksize {blocksize}", hint="use a power of two from 32 to 4096")
+    return QuantOut(quant_type or "nf4", blocksize or 64, True if double_quant is None else double_quant)
+
+
+def make_options(
+    dtype: str = "auto",
+    shard_size: str | int = "5GB",
+    device: str = "auto",
+    save_method: str = "merged_16bit",
+    allow_nonfinite: bool = False,
+    max_memory: int | str | float = DEFAULT_MAX_MEMORY,
+    quant_type: str | None = None,
+    blocksize: int | None = None,
+    double_quant: bool | None = None,
+    compress: str | int | None = None,
+    checksum: str = "crc32",
+    direct_io: bool = True,
+) -> MergeOptions:
+    """Validated :class:`MergeOptions` from user-facing values. ``compress``: ``zstd[:LEVEL]``."""
+    if save_method not in SAVE_METHODS:
+        raise InputError(f"unknown save method {save_method!r}", hint=f"use one of {', '.join(SAVE_METHODS)}")
+    opts = MergeOptions(
+        dtype=resolve_dtype(dtype),
+        shard_size=parse_size(shard_size),
+        device=device,
+        save_method=save_method,
+        allow_nonfinite=allow_nonfinite,
+        block_bytes=parse_memory(max_memory),
+        quant=_quant_out(save_method, quant_type, blocksize, double_quant),
+        compress=parse_compress(compress),
+        checksum=checksum,
+        direct_io=bool(direct_io),
+    )
+    if checksum not in CHECKSUMS:
+        raise InputError(f"unknown checksum {checksum!r}", hint=f"use one of {', '.join(CHECKSUMS)}")
+    if opts.compress is not None and save_method == "lora":
+        raise InputError("--compress applies to merged outputs, not --save-method lora")
+    return opts

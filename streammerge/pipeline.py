@@ -1,0 +1,161 @@
+"""Driving one plan through one sink: a prefetcher ahead of the merge (disk reads overlap compute), the
+executor's blocks in order, and a writer thread behind it (file writes overlap compute), with each
+finished shard recorded in the run's journal."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import psutil
+from tqdm import tqdm
+
+from .execute import WRITE_QUEUE, Executor
+from .plan import MergePlan, ShardPlan
+from .sinks.safetensors import ShardWriter, open_shard_writer
+from .source import Checkpoint, Reader, stored_refs
+
+PREFETCH_BYTES = 256 * 1024 * 1024  # base bytes the kernel is asked to read ahead of the merge
+
+
+def drop_behind_if_large(reader: Reader, ckpt: Checkpoint, notes: list[str] | None = None) -> None:
+    """A base larger than half the RAM cannot stay cached until a next run anyway: drop each tensor's
+    pages from the page cache once it is merged, so the merge does not push out what other programs
+    keep cached (the output bypasses the cache already, with O_DIRECT)."""
+    ram = psutil.virtual_memory().total
+    if ckpt.total_bytes > ram // 2:
+        reader.drop_behind = True
+        if notes is not None:
+            notes.append(
+                f"the base ({ckpt.total_bytes / 1e9:.1f} GB) is larger than half the RAM ({ram / 1e9:.1f} GB): "
+                "its pages leave the page cache as they are merged"
+            )
+
+
+class Prefetcher:
+    """Keeps the kernel reading up to ``window`` bytes of base tensors ahead of the one being merged
+    (``MADV_WILLNEED``), so that with a cold page cache the disk reads overlap the merge instead of
+    stalling it. ``sources``: the plan sources (None for none) in the order they will be merged."""
+
+    def __init__(self, reader: Reader, sources: list, window: int = PREFETCH_BYTES):
+        self.reader, self.window = reader, window
+        self.sizes = [_source_bytes(s) for s in sources]
+        self.sources = sources
+        self._next = 0  # the first source not yet prefetched
+        self._ahead = 0  # bytes prefetched beyond the current source
+
+    def advance(self, i: int) -> None:
+        """Source ``i`` is being merged now: top the read-ahead up to the window beyond it."""
+        self._ahead = max(0, self._ahead - self.sizes[i]) if self._next > i else 0
+        self._next = max(self._next, i + 1)
+        while self._next < len(self.sources) and self._ahead < self.window:
+            if self.sources[self._next] is not None:  # at most a window of one huge tensor
+                self.reader.prefetch(self.sources[self._next], self.window)
+            self._ahead += self.sizes[self._next]
+            self._next += 1
+
+
+def _source_bytes(src) -> int:
+    return 0 if src is None else sum(r.nbytes for r in stored_refs(src))
+
+
+class WriterThread:
+    """Runs write operations in order on a second thread, so computing the next block overlaps
+    writing the previous one (file writes and torch both release the GIL). A bounded queue keeps at
+    most ``depth`` blocks in flight; errors surface on the next ``submit`` or at ``finish``."""
+
+    def __init__(self, depth: int = WRITE_QUEUE):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.busy = 0.0
+        self._t = threading.Thread(target=self._run, name="streammerge-writer", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            fn, args = item
+            t = time.perf_counter()
+            try:
+                fn(*args)
+            except BaseException as e:  # handed to the main thread
+                self.error = e
+            self.busy += time.perf_counter() - t
+
+    def submit(self, fn: Callable, *args) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((fn, args))
+
+    def finish(self) -> None:
+        self.q.put(None)
+        self._t.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        while True:
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                break
+        self.q.put(None)
+        self._t.join()
+
+
+def run_shards(
+    shards: list[ShardPlan], ex: Executor, work, opts, on_done: Callable[[ShardWriter, str], None], progress=None
+) -> dict:
+    """Merge ``shards`` into files under ``work``: blocks computed on this thread, written on the
+    writer thread; ``on_done(writer, filename)`` runs there once a shard is complete. Returns the
+    stage timings (``write``: the writer thread's busy time; ``compute``: time spent in the executor)."""
+    reader = ex.reader
+    wt = WriterThread()
+    writers: list[ShardWriter] = []
+    t_compute = 0.0
+    try:
+        ahead = Prefetcher(reader, [j.source for s in shards for j in s.jobs])
+        n_job = 0
+        for shard in shards:
+            writer = open_shard_writer(work / shard.filename, shard, opts)
+            writers.append(writer)
+            for job in shard.jobs:
+                ahead.advance(n_job)
+                n_job += 1
+                it = ex.blocks(job)
+                while True:
+                    t = time.perf_counter()
+                    item = next(it, None)
+                    t_compute += time.perf_counter() - t
+                    if item is None:
+                        break
+                    wt.submit(writer.write, *item)
+                    if progress is not None:
+                        progress.update(item[1].nbytes)
+                wt.submit(reader.release, job.source)
+            wt.submit(on_done, writer, shard.filename)
+        wt.finish()
+    except BaseException:
+        wt.abort()
+        for w in writers:
+            w.abort()
+        raise
+    return {**ex.stage, "write": wt.busy, "compute": t_compute}
+
+
+def progress_bar(plan: MergePlan, enabled: bool) -> tqdm:
+    return tqdm(
+        total=plan.total_size,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not enabled,
+        desc="merging",
+        dynamic_ncols=True,
+    )
