@@ -61,6 +61,9 @@ class Adapter:
     replacements: dict[str, TensorRef] = field(default_factory=dict)  # base-named tensor -> full tensor
     base_layer_copies: set[str] = field(default_factory=set)  # replacements saved as ``<m>.base_layer.*``
     tokens: dict[str, TokenDelta] = field(default_factory=dict)
+    #: saved spellings PEFT's loader makes redundant (``original_module``, unnamed ``modules_to_save``)
+    #: -> the tensor used instead
+    superseded: dict[str, str] = field(default_factory=dict)
     tensors: dict[str, TensorRef] = field(default_factory=dict)  # every tensor in the file, by key
 
     @property
@@ -247,6 +250,74 @@ def _token_indices(cfg: dict, module: str, where: Path) -> tuple[int, ...]:
     return tuple(indices)
 
 
+_SAVED_LAYER = re.compile(
+    r"^(?P<module>.+?)\.(?:(?P<tok>token_adapter\.base_layer)|(?P<kind>base_layer|original_module)"
+    r"|modules_to_save(?:\.(?P<adapter>[^.]+)(?=\..))?)\.(?P<param>.+)$"
+)
+
+
+def saved_layer(name: str) -> tuple[str, str]:
+    """How PEFT saved a full tensor, and the base tensor it stands for: ``copy`` (the trained copy of a
+    modules_to_save layer, a plain ``<m>.<p>`` or ``<m>.modules_to_save.<adapter>.<p>``), ``base_layer``
+    (the adapter's copy of a wrapped base layer, ``<m>.base_layer.<p>`` or
+    ``<m>.token_adapter.base_layer.<p>``), ``original`` (``<m>.original_module.<p>``: the base layer as it was
+    before training) or ``unnamed_copy`` (``<m>.modules_to_save.<p>``, which PEFT's loader ignores)."""
+    m = _SAVED_LAYER.match(name)
+    if m is None:
+        return "copy", name
+    target = f"{m['module']}.{m['param']}"
+    if m["tok"] or m["kind"] == "base_layer":
+        return "base_layer", target
+    if m["kind"] == "original_module":
+        return "original", target
+    return ("copy" if m["adapter"] else "unnamed_copy"), target
+
+
+def _resolve_saved_layer(ad: Adapter, name: str, kinds: dict[str, list[TensorRef]]) -> None:
+    """What PEFT's loader does with the spellings of one saved layer: the trained copy of a modules_to_save
+    layer wins (and makes its ``original_module`` and unnamed ``modules_to_save`` spellings redundant); a
+    wrapped layer's ``base_layer`` copy overwrites the base tensor. Those spellings without the trained
+    copy are refused, as PEFT's loader does (it needs the plain key of every modules_to_save layer)."""
+    where = ad.weights_file
+    for refs in kinds.values():
+        if len(refs) > 1:
+            raise AdapterError(f"{where}: two tensors replace {name!r}: {refs[0].name!r} and {refs[1].name!r}")
+    if "copy" in kinds and "base_layer" in kinds:
+        a, b = kinds["copy"][0].name, kinds["base_layer"][0].name
+        raise AdapterError(f"{where}: two tensors replace {name!r}: {a!r} and {b!r}")
+    chosen = next((kinds[k][0] for k in ("copy", "base_layer") if k in kinds), None)
+    if chosen is None:
+        lone = next(kinds[k][0] for k in ("unnamed_copy", "original") if k in kinds)
+        raise AdapterError(
+            f"{where}: {lone.name!r} has no trained copy beside it "
+            f"(PEFT saves the trained layer as {PEFT_PREFIX}{name!r} too, and its loader needs that key)",
+            hint="the adapter file is incomplete; save it again with PEFT's save_pretrained",
+        )
+    ad.replacements[name] = chosen
+    if chosen is not kinds.get("copy", [None])[0]:
+        ad.base_layer_copies.add(name)
+    for kind in ("original", "unnamed_copy"):
+        ref = kinds.get(kind, [None])[0]
+        if ref is not None and ref is not chosen:
+            if ref.shape != chosen.shape:
+                raise AdapterError(
+                    f"{where}: {ref.name!r} {list(ref.shape)} and {chosen.name!r} {list(chosen.shape)} "
+                    "disagree in shape",
+                    hint="the adapter file mixes layers of different models",
+                )
+            ad.superseded[ref.name] = chosen.name
+
+
+def _is_tied_mirror(cfg: dict, module: str) -> bool:
+    """PEFT gives a tied output embedding the input embedding's trainable tokens and saves that delta
+    again under ``lm_head``; its loader ignores the copy. (A dict naming the output layer itself means
+    tokens trained on it.)"""
+    if module.rsplit(".", 1)[-1] not in ("lm_head", "embed_out"):
+        return False
+    spec = cfg.get("trainable_token_indices")
+    return not (isinstance(spec, dict) and _pattern_value({re.escape(k): v for k, v in spec.items()}, module, None))
+
+
 def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index an adapter directory; validate its config and group its keys per module."""
     adir = find_adapter_dir(Path(path))
@@ -257,17 +328,12 @@ def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapt
     r0, alpha0 = cfg["r"], cfg["lora_alpha"]
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     parts: dict[str, dict[str, TensorRef]] = {}
+    spellings: dict[str, dict[str, list[TensorRef]]] = {}
     for key, ref in refs.items():
         m = _LORA_KEY.match(_normalize(key))
         if m is None:
-            name = _normalize(key)
-            if ".base_layer." in name:
-                name = name.replace(".base_layer.", ".")
-                ad.base_layer_copies.add(name)
-            name = re.sub(r"\.modules_to_save\.[^.]+(?=\.)", "", name)
-            if name in ad.replacements:
-                raise AdapterError(f"{wfile}: two tensors replace {name!r} (second: {key!r})")
-            ad.replacements[name] = ref
+            kind, name = saved_layer(_normalize(key))
+            spellings.setdefault(name, {}).setdefault(kind, []).append(ref)
             continue
         part = m["part"] + (".bias" if m["param"] == "bias" else "")
         slot = parts.setdefault(m["module"], {})
@@ -277,12 +343,18 @@ def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapt
                 hint="the file holds several adapters; save each adapter on its own",
             )
         slot[part] = ref
+    for name, kinds in spellings.items():
+        _resolve_saved_layer(ad, name, kinds)
+    mirrors: list[TensorRef] = []
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
     rslora = bool(cfg.get("use_rslora", False))
     for module, slot in parts.items():
         if "token_adapter.trainable_tokens_delta" in slot:
             ref = slot.pop("token_adapter.trainable_tokens_delta")
-            ad.tokens[module] = TokenDelta(module, _token_indices(cfg, module, adir), ref)
+            if _is_tied_mirror(cfg, module):
+                mirrors.append(ref)
+            else:
+                ad.tokens[module] = TokenDelta(module, _token_indices(cfg, module, adir), ref)
             if not slot:
                 continue
         if "lora_A" in slot or "lora_B" in slot:
@@ -327,6 +399,11 @@ def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapt
         ad.modules[module] = LoraModule(
             module, kind, a, b, r, alpha, scaling, fan_in_fan_out and kind == "linear", bias, magnitude
         )
+    for ref in mirrors:
+        twin = next((t.values for t in ad.tokens.values() if t.values.shape == ref.shape), None)
+        if twin is None:
+            raise AdapterError(f"{wfile}: {ref.name!r} mirrors no trainable-tokens delta of the input embedding")
+        ad.superseded[ref.name] = twin.name
     if not refs:
         raise AdapterError(f"{wfile}: holds no tensors")
     return ad

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .adapter import Adapter, LoraModule
+from .conversions import ConversionMap
 from .errors import AdapterError
 from .source import TensorRef
 
@@ -92,6 +93,7 @@ class ModuleRecord:
     alpha: float
     scaling: float
     weight: float
+    rule: str = ""  # how the adapter's module name was mapped to the checkpoint's
 
 
 @dataclass
@@ -127,6 +129,11 @@ class KeyMap:
             return None
         return self.strip + base_module[len(self.add) :]
 
+    def describe(self, module: str) -> str:
+        if not self.strip and not self.add:
+            return "same name"
+        return f"prefix: {self.strip or '(none)'!r} -> {self.add or '(none)'!r}"
+
 
 def module_of(tensor_name: str) -> tuple[str, str]:
     """``a.b.weight`` -> (``a.b``, ``weight``)."""
@@ -144,10 +151,11 @@ def candidate_keymaps(modules: Iterable[str], base_names: Iterable[str]) -> list
     return maps
 
 
-def choose_keymap(modules: list[str], base_modules: set[str], special: set[str] = frozenset()) -> KeyMap:
-    """The rename rule under which the most adapter modules exist in the base (identity on ties)."""
+def choose_keymap(modules: list[str], base_modules: set[str], special: set[str] = frozenset(), extra=()) -> KeyMap:
+    """The rename rule under which the most adapter modules exist in the base (identity on ties);
+    ``extra``: further candidates (an architecture's key conversion)."""
     best, best_hits = KeyMap(), -1
-    for km in candidate_keymaps(modules, base_modules):
+    for km in [*candidate_keymaps(modules, base_modules), *extra]:
         hits = 0
         for m in modules:
             b = km.to_base(m)
@@ -193,7 +201,7 @@ def match_adapters(shapes: dict[str, tuple[int, ...]], config: dict, adapters: l
     checkpoint at ``where``; check shapes; refuse unmatched or unused adapter tensors."""
     names = set(shapes)
     embed_key = find_input_embedding(shapes)
-    m = _Matcher(shapes, names, Match(embed_key, embed_key is not None and is_tied(config, names)), where)
+    m = _Matcher(shapes, names, config, Match(embed_key, embed_key is not None and is_tied(config, names)), where)
     for ad in adapters:
         m.adapter(ad)
     m.bias_updates()
@@ -209,9 +217,10 @@ def match_adapters(shapes: dict[str, tuple[int, ...]], config: dict, adapters: l
 class _Matcher:
     """The matching state across the adapters of one merge."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], names: set[str], match: Match, where: str):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], names: set[str], config: dict, match: Match, where: str):
         self.shapes, self.names, self.match, self.where = shapes, names, match, where
         self.base_modules = {module_of(n)[0] for n in names}
+        self.conversion = ConversionMap.build(str(config.get("model_type", "")), self.base_modules)
         self.pending_bias: dict[str, list[tuple[Adapter, LoraModule]]] = {}
 
     def base_name(self, km: KeyMap, module: str, param: str = "weight") -> str | None:
@@ -227,9 +236,17 @@ class _Matcher:
 
     def adapter(self, ad: Adapter) -> None:
         mods = list(ad.modules) + list(ad.tokens) + [module_of(n)[0] for n in ad.replacements]
-        km = choose_keymap(mods, self.base_modules, {"lm_head"} if self.match.tied else set())
+        extra = [self.conversion] if self.conversion else []
+        km = choose_keymap(mods, self.base_modules, {"lm_head"} if self.match.tied else set(), extra)
+        if km is self.conversion:
+            self.check_unambiguous(ad, mods)
         unmatched: list[str] = []
-        used: set[str] = set()
+        used: set[str] = set(ad.superseded)
+        if ad.superseded:
+            self.match.notes.append(
+                f"{ad.path}: {len(ad.superseded)} saved layer spelling(s) not used, as in PEFT's loader: "
+                + ", ".join(f"{k} (superseded by {v})" for k, v in sorted(ad.superseded.items()))
+            )
         for name, ref in ad.replacements.items():
             self.replacement(ad, km, name, ref, unmatched, used)
         self.lora_modules(ad, km, unmatched, used)
@@ -240,7 +257,7 @@ class _Matcher:
                 continue
             self.match.updates.setdefault(base, []).append(RowReplace(td.indices, td.values, ad.path))
             used.add(td.values.name)
-            self.match.records.append(ModuleRecord(ad.path, mod, base, "tokens", 0, 0.0, 0.0, 1.0))
+            self.match.records.append(ModuleRecord(ad.path, mod, base, "tokens", 0, 0.0, 0.0, 1.0, km.describe(mod)))
         if unmatched:
             raise AdapterError(
                 f"{ad.weights_file}: {len(unmatched)} of {len(ad.tensors)} adapter tensor(s) match no tensor of "
@@ -253,6 +270,17 @@ class _Matcher:
         if unused:
             raise AdapterError(
                 f"{ad.weights_file}: {len(unused)} adapter tensor(s) would not be used", details=sorted(unused)
+            )
+
+    def check_unambiguous(self, ad: Adapter, mods: list[str]) -> None:
+        """Two checkpoint modules that the key conversion maps to one adapter module: refuse, naming them."""
+        clashes = [f"{m} <- {' or '.join(self.conversion.ambiguous(m))}" for m in mods if self.conversion.ambiguous(m)]
+        if clashes:
+            raise AdapterError(
+                f"{ad.weights_file}: {len(clashes)} adapter module(s) match several checkpoint modules under the "
+                f"{self.conversion.model_type} key conversion",
+                details=clashes,
+                hint="the checkpoint mixes two key layouts; re-save it with transformers' save_pretrained",
             )
 
     def replacement(self, ad: Adapter, km: KeyMap, name: str, ref: TensorRef, unmatched: list, used: set) -> None:
@@ -283,7 +311,7 @@ class _Matcher:
         self.check_replacement_shape(ad, ref, target)
         mt.replaced[target] = (ad, ref)
         used.add(ref.name)
-        mt.records.append(ModuleRecord(ad.path, mod, target, "replace", 0, 0.0, 0.0, 1.0))
+        mt.records.append(ModuleRecord(ad.path, mod, target, "replace", 0, 0.0, 0.0, 1.0, km.describe(mod)))
 
     def check_replacement_shape(self, ad: Adapter, ref: TensorRef, target: str) -> None:
         embed_key = self.match.embed_key
@@ -311,6 +339,8 @@ class _Matcher:
             and bool(ad.config.get("ensure_weight_tying"))
             and any(lm.kind == "embedding" and self.base_name(km, m) == mt.embed_key for m, lm in ad.modules.items())
         )
+        on_tie = [lm.kind for m, lm in ad.modules.items() if mt.tied and self.base_name(km, m) == mt.embed_key]
+        both_sides = not mirrored_tie and "embedding" in on_tie and "linear" in on_tie
         for mod, lm in ad.modules.items():
             parts = [t.name for t in (lm.a, lm.b, lm.bias, lm.magnitude) if t]
             base = self.base_name(km, mod)
@@ -325,9 +355,17 @@ class _Matcher:
                 )
                 continue
             shape = mt.replaced[base][1].shape if base in mt.replaced else self.shapes[base]
+            if both_sides and base == mt.embed_key and lm.kind == "linear":
+                base, mt.untie = OUT_KEY, True
+                mt.notes.append(
+                    f"{mod}: LoRA on both sides of tied embeddings: the output embedding gets its own tensor "
+                    "(untied), as the unmerged PEFT model computes (PEFT's merge_and_unload adds both updates "
+                    "to the one shared tensor, which changes the model's outputs)"
+                )
             mt.updates.setdefault(base, []).extend(self.lora_updates(ad, lm, base, shape))
             kind = "dora" if lm.magnitude else lm.kind
-            mt.records.append(ModuleRecord(ad.path, mod, base, kind, lm.r, lm.alpha, lm.scaling, ad.weight))
+            rule = km.describe(mod)
+            mt.records.append(ModuleRecord(ad.path, mod, base, kind, lm.r, lm.alpha, lm.scaling, ad.weight, rule))
             if base == mt.embed_key and mt.tied and mod.endswith("lm_head"):
                 mt.notes.append(
                     f"{mod}: tied to {mt.embed_key}; the LoRA update goes into that shared tensor, so it also "

@@ -149,6 +149,11 @@ def _jobs(logical: dict[str, Source], match: Match, opts: MergeOptions) -> list[
     if match.untie and OUT_KEY not in logical:
         if OUT_KEY in match.replaced:
             jobs.append(job_for(OUT_KEY, None))
+        elif OUT_KEY in match.updates:  # LoRA on the output side of a tie: the shared base, its own update
+            src = match.replaced[embed_key][1] if embed_key in match.replaced else logical[embed_key]
+            dtype = next(j for j in jobs if j.name == embed_key).dtype
+            ups = tuple(match.updates[OUT_KEY])
+            jobs.append(TensorJob(OUT_KEY, dtype, src.shape, src, ups, f"untied from {embed_key}"))
         else:
             base_job = next(j for j in jobs if j.name == embed_key)
             src = logical[embed_key]

@@ -124,7 +124,8 @@ def print_plan(report, out) -> None:
     )
     for mrec in report.modules:
         detail = f"r={mrec['r']} alpha={mrec['alpha']:g} scaling={mrec['scaling']:.6g}" if mrec["r"] else ""
-        w(f"  {mrec['kind']:<9} {mrec['tensor']}  <- {mrec['module']}  {detail}\n")
+        rule = f"  [{mrec['rule']}]" if mrec.get("rule") not in (None, "", "same name") else ""
+        w(f"  {mrec['kind']:<9} {mrec['tensor']}  <- {mrec['module']}  {detail}{rule}\n")
     w("shards:\n")
     for s in report.shards:
         w(f"  {s['file']}  {fmt_bytes(s['bytes'])}  {s['tensors']} tensors\n")

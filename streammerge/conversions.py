@@ -1,0 +1,94 @@
+"""Checkpoint key layouts: how transformers renames a checkpoint's keys into its module tree on load.
+
+transformers 5 keeps vision-language models as ``model.language_model.*``, ``model.visual.*`` ... in
+memory (the names PEFT adapters use), while ``save_pretrained`` of a model built or loaded from the
+transformers-4 layout writes ``model.layers.*``, ``visual.*``, ``language_model.model.*`` ... . On load,
+transformers maps one to the other with per-architecture renaming rules (its
+``conversion_mapping.py``). The rules below are those rules as data, per config ``model_type``,
+applied in order as regex substitutions to a checkpoint module name; they were read from
+transformers 5.24 (and checked against its loader in the tests). A name already in the module-tree
+layout passes through unchanged, so both layouts are handled.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+TRANSFORMERS_VERSION = "5.24"
+
+_QWEN2_VL = (
+    (r"^visual\.", "model.visual."),
+    (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
+)
+_LANGUAGE_MODEL = (
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^language_model\.", "model.language_model."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+)
+_VISION_TOWER = (  # CLIP / SigLIP towers: the Hub's ``vision_tower.vision_model.*`` and the bare ``vision_tower.*``
+    (r"^vision_tower\.vision_model\.", "model.vision_tower."),
+    (r"^vision_tower\.", "model.vision_tower."),
+)
+_LEGACY = ((r"^model\.language_model\.model\.", "model.language_model."),)
+
+#: config ``model_type`` -> the renaming rules transformers applies to its checkpoint keys on load.
+RULES: dict[str, tuple[tuple[str, str], ...]] = {
+    "qwen2_vl": _QWEN2_VL + _LEGACY,
+    "qwen2_5_vl": _QWEN2_VL + _LEGACY,
+    "llava": _LANGUAGE_MODEL + _VISION_TOWER + _LEGACY,
+    "gemma3": _LANGUAGE_MODEL + _VISION_TOWER + _LEGACY,
+    "mllama": (*_LANGUAGE_MODEL, (r"^vision_model\.", "model.vision_model."), *_LEGACY),
+}
+
+
+def to_module_tree(name: str, rules) -> tuple[str, list[str]]:
+    """A checkpoint module name in the module tree's spelling, and the rules that changed it."""
+    applied = []
+    for pattern, repl in rules:
+        new = re.sub(pattern, repl, name, count=1)
+        if new != name:
+            applied.append(f"{pattern} -> {repl}")
+            name = new
+    return name, applied
+
+
+@dataclass
+class ConversionMap:
+    """Adapter module names (module tree) <-> checkpoint module names, through an architecture's rules.
+    Two checkpoint modules that become the same module-tree name are ambiguous: never guessed."""
+
+    model_type: str
+    to_tree: dict[str, str] = field(default_factory=dict)
+    rules_of: dict[str, list[str]] = field(default_factory=dict)
+    from_tree: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, model_type: str, base_modules) -> ConversionMap | None:
+        rules = RULES.get(model_type)
+        if rules is None:
+            return None
+        cm = cls(model_type)
+        for b in sorted(base_modules):
+            tree, applied = to_module_tree(b, rules)
+            cm.to_tree[b], cm.rules_of[b] = tree, applied
+            cm.from_tree.setdefault(tree, []).append(b)
+        return cm
+
+    def to_base(self, module: str) -> str | None:
+        found = self.from_tree.get(module, [])
+        return found[0] if len(found) == 1 else None
+
+    def to_peft(self, base_module: str) -> str | None:
+        return self.to_tree.get(base_module)
+
+    def ambiguous(self, module: str) -> list[str]:
+        found = self.from_tree.get(module, [])
+        return found if len(found) > 1 else []
+
+    def describe(self, module: str) -> str:
+        base = self.to_base(module)
+        applied = self.rules_of.get(base, []) if base else []
+        how = "; ".join(applied) if applied else "unchanged"
+        return f"transformers {TRANSFORMERS_VERSION} {self.model_type} key conversion: {how}"
