@@ -41,6 +41,20 @@ class LoraModule:
 
 
 @dataclass(frozen=True)
+class ParamLora:
+    """LoRA on a parameter (PEFT's ``target_parameters``, ParamWrapper), e.g. fused MoE experts: ``a``
+    [experts * r, in], ``b`` [out, experts * r]. Several wrappers nest on one module, and the saved keys
+    do not name the parameter: ``depth`` counts the ``base_layer.`` between the module and ``lora_A``
+    (the innermost wrapper is the deepest). Which parameter each one is, and so its rank and alpha, is
+    decided against the base's shapes."""
+
+    owner: str  # the module holding the parameters, e.g. "model.layers.0.mlp.experts"
+    depth: int
+    a: TensorRef
+    b: TensorRef
+
+
+@dataclass(frozen=True)
 class TokenDelta:
     """Trainable tokens: rows ``indices`` of ``module``'s weight are replaced by ``values``."""
 
@@ -61,6 +75,7 @@ class Adapter:
     replacements: dict[str, TensorRef] = field(default_factory=dict)  # base-named tensor -> full tensor
     base_layer_copies: set[str] = field(default_factory=set)  # replacements saved as ``<m>.base_layer.*``
     tokens: dict[str, TokenDelta] = field(default_factory=dict)
+    params: dict[str, list[ParamLora]] = field(default_factory=dict)  # owner module -> its wrappers
     #: saved spellings PEFT's loader makes redundant (``original_module``, unnamed ``modules_to_save``)
     #: -> the tensor used instead
     superseded: dict[str, str] = field(default_factory=dict)
@@ -69,6 +84,13 @@ class Adapter:
     @property
     def label(self) -> str:
         return self.path if self.weight == 1.0 else f"{self.path}:{self.weight:g}"
+
+    def rank_alpha(self, name: str) -> tuple[int, float, float]:
+        """``r``, ``lora_alpha`` and the scaling PEFT gives the wrapper of ``name`` (rank/alpha patterns)."""
+        cfg = self.config
+        r = int(_pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"]))
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"])
+        return r, alpha, (alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
 
 
 def find_adapter_dir(path: Path) -> Path:
@@ -174,7 +196,6 @@ def _check_config(cfg: dict, path: Path) -> None:
     refusals = {
         "alora_invocation_tokens": "aLoRA only applies after its invocation tokens; it has no merged form",
         "layer_replication": "layer_replication builds new layers at load time; it cannot be merged from files",
-        "target_parameters": "target_parameters (LoRA on fused 3-D parameters such as MoE experts) is not supported",
         "megatron_config": "Megatron-parallel LoRA layers are not supported",
         "arrow_config": "Arrow routes between several LoRA experts per token; it has no single merged form",
         "kasa_config": "KaSA changes the base weights' singular values; it is not supported",
@@ -187,6 +208,9 @@ def _check_config(cfg: dict, path: Path) -> None:
             fail(f"{key} is set: {why}", "merge this adapter with PEFT's merge_and_unload")
     if cfg.get("use_qalora"):
         fail("use_qalora is set: QA-LoRA pools inputs and has no plain merged form here")
+    tp = cfg.get("target_parameters")
+    if tp is not None and not (isinstance(tp, list) and all(isinstance(x, str) and "." in x for x in tp)):
+        fail(f"'target_parameters' must be a list of '<module>.<parameter>' names, found {tp!r}")
     bias = cfg.get("bias", "none")
     if bias not in ("none", "all", "lora_only"):
         fail(f"'bias' must be none, all or lora_only, found {bias!r}")
@@ -308,6 +332,37 @@ def _resolve_saved_layer(ad: Adapter, name: str, kinds: dict[str, list[TensorRef
             ad.superseded[ref.name] = chosen.name
 
 
+def _param_owner(module: str, cfg: dict) -> tuple[str | None, int]:
+    """For a ParamWrapper's keys (``<owner>[.base_layer]*.lora_A``) whose owner holds a parameter named in
+    ``target_parameters``: the owner and the nesting depth; else (None, 0)."""
+    owner, depth = module, 0
+    while owner.endswith(".base_layer"):
+        owner, depth = owner[: -len(".base_layer")], depth + 1
+    for name in cfg.get("target_parameters") or ():
+        part = name.rpartition(".")[0]
+        if owner == part or owner.endswith("." + part):
+            return owner, depth
+    return None, 0
+
+
+def _param_lora(wfile: str, owner: str, depth: int, module: str, slot: dict[str, TensorRef]) -> ParamLora:
+    if set(slot) != {"lora_A", "lora_B"}:
+        raise AdapterError(
+            f"{wfile}: parameter LoRA {module!r} must have exactly lora_A and lora_B, found {', '.join(slot)}",
+            hint="PEFT's target_parameters LoRA has no bias, DoRA or embedding variant",
+        )
+    a, b = slot["lora_A"], slot["lora_B"]
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+        raise AdapterError(
+            f"{wfile}: parameter LoRA {module!r}: {a.name} {list(a.shape)} and {b.name} {list(b.shape)} must be "
+            "[experts * r, in] and [out, experts * r]"
+        )
+    for t in (a, b):
+        if t.dtype not in ("F16", "BF16", "F32", "F64"):
+            raise AdapterError(f"{wfile}: {t.name} has dtype {t.dtype}; LoRA tensors must be floating point")
+    return ParamLora(owner, depth, a, b)
+
+
 def _is_tied_mirror(cfg: dict, module: str) -> bool:
     """PEFT gives a tied output embedding the input embedding's trainable tokens and saves that delta
     again under ``lm_head``; its loader ignores the copy. (A dict naming the output layer itself means
@@ -357,6 +412,10 @@ def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapt
                 ad.tokens[module] = TokenDelta(module, _token_indices(cfg, module, adir), ref)
             if not slot:
                 continue
+        owner, depth = _param_owner(module, cfg)
+        if owner is not None:
+            ad.params.setdefault(owner, []).append(_param_lora(wfile, owner, depth, module, slot))
+            continue
         if "lora_A" in slot or "lora_B" in slot:
             kind, ka, kb = "linear", "lora_A", "lora_B"
         elif "lora_embedding_A" in slot or "lora_embedding_B" in slot:

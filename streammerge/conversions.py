@@ -40,6 +40,9 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
     "llava": _LANGUAGE_MODEL + _VISION_TOWER + _LEGACY,
     "gemma3": _LANGUAGE_MODEL + _VISION_TOWER + _LEGACY,
     "mllama": (*_LANGUAGE_MODEL, (r"^vision_model\.", "model.vision_model."), *_LEGACY),
+    # MoE: Mixtral's ``block_sparse_moe`` is transformers 5's ``mlp`` (its experts' w1/w3/w2 are the
+    # per-expert pieces of the fused parameters: streammerge.experts.SPLITS)
+    "mixtral": ((r"\.block_sparse_moe\.", ".mlp."),),
 }
 
 
@@ -80,6 +83,15 @@ class ConversionMap:
         found = self.from_tree.get(module, [])
         return found[0] if len(found) == 1 else None
 
+    def to_base_prefix(self, module: str) -> str | None:
+        """A module that holds no tensor of its own in the checkpoint (fused experts stored per expert):
+        the checkpoint's spelling of it, from the modules below it."""
+        found = set()
+        for tree, bases in self.from_tree.items():
+            if tree.startswith(module + ".") and len(bases) == 1 and bases[0].endswith(tree[len(module) :]):
+                found.add(bases[0][: len(bases[0]) - (len(tree) - len(module))])
+        return found.pop() if len(found) == 1 else None
+
     def to_peft(self, base_module: str) -> str | None:
         return self.to_tree.get(base_module)
 
@@ -88,7 +100,7 @@ class ConversionMap:
         return found if len(found) > 1 else []
 
     def describe(self, module: str) -> str:
-        base = self.to_base(module)
-        applied = self.rules_of.get(base, []) if base else []
+        base = self.to_base(module) or self.to_base_prefix(module)
+        applied = to_module_tree(base, RULES[self.model_type])[1] if base else []
         how = "; ".join(applied) if applied else "unchanged"
         return f"transformers {TRANSFORMERS_VERSION} {self.model_type} key conversion: {how}"

@@ -15,6 +15,7 @@ import torch
 
 from . import formats, lora
 from .errors import NonFiniteError, OutputError
+from .experts import ExpertDelta
 from .match import BiasDelta, Dora, LowRank
 from .options import MergeOptions
 from .plan import TensorJob
@@ -103,6 +104,8 @@ class Executor:
             cost += out_size
         if job.encoding is not None:
             cost += job.encoding.work_bytes
+        if any(isinstance(u, ExpertDelta) for u in job.updates):
+            cost += 4 + 2  # one expert's fp32 update and its rounded copy (counted per element: conservative)
         return cost
 
     def _over_budget(self, job: TensorJob, need: int) -> None:
@@ -139,7 +142,10 @@ class Executor:
     @staticmethod
     def _align(job: TensorJob) -> int:
         # BLAS tiles rows (and columns, for transposed deltas) in small fixed groups: blocks that
-        # start on a multiple of the alignment reproduce the unblocked product bit for bit.
+        # start on a multiple of the alignment reproduce the unblocked product bit for bit. A fused
+        # expert tensor's rows are experts, each computed on its own: any expert block will do.
+        if any(isinstance(u, ExpertDelta) and u.expert is None for u in job.updates):
+            return 1
         return COL_ALIGN if any(isinstance(u, LowRank) and u.transposed for u in job.updates) else ROW_ALIGN
 
     def _prepare(self, job: TensorJob, dev: torch.device) -> tuple[Callable, list]:
@@ -148,7 +154,7 @@ class Executor:
         rows_of = formats.rows_of(job.source, self.reader, self.ws, dev)
         prepared = []
         for u in job.updates:
-            if isinstance(u, (LowRank, Dora)):
+            if isinstance(u, (LowRank, Dora, ExpertDelta)):
                 a, b = self._adapter_tensor(u.a, "lora_A", dev), self._adapter_tensor(u.b, "lora_B", dev)
                 extra = self._adapter_tensor(u.magnitude, "DoRA magnitude", dev) if isinstance(u, Dora) else None
                 prepared.append((u, a, b, extra))
@@ -245,12 +251,28 @@ class Executor:
                 d = self.ws.take("d", shape, torch.float32, w.device)
                 delta = lora.lowrank_delta(a, b if whole else b[r0:r1], u.scaling, False, out=d)
             return lora.apply_lowrank(w, delta, u.weight, out_dtype if u.round_delta else None)
+        if isinstance(u, ExpertDelta):
+            return _apply_experts(u, a, b, w, r0, r1, out_dtype)
         if isinstance(u, BiasDelta):
             return lora.apply_bias(w, a, u.scaling, u.weight)
         if isinstance(u, Dora):
             delta = lora.lowrank_delta(a, b, u.scaling, u.embedding or u.fan_in_fan_out)
             return lora.dora_merge(w, delta, extra, u.fan_in_fan_out, u.embedding)
         return lora.replace_rows(w, r0, u.indices, a)  # RowReplace
+
+
+def _apply_experts(u: ExpertDelta, a, b, w: torch.Tensor, r0: int, r1: int, out_dtype) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of the job's tensor get their expert update, one expert at a time (the
+    temporaries stay one expert's size): experts ``r0..r1`` of a fused tensor, or rows of one expert's
+    update (a per-expert tensor holds rows ``u.rows`` of it)."""
+    if u.expert is not None:
+        d = lora.expert_deltas(a, b, u.experts, u.rank, u.expert, u.expert + 1, u.scaling)[0]
+        lora.add_rounded(w, d[u.rows[0] + r0 : u.rows[0] + r1], u.weight, out_dtype)
+        return w
+    for e in range(r0, r1):
+        d = lora.expert_deltas(a, b, u.experts, u.rank, e, e + 1, u.scaling)[0]
+        lora.add_rounded(w[e - r0], d.T if u.transposed else d, u.weight, out_dtype)
+    return w
 
 
 def finite_in(w: torch.Tensor, dtype: torch.dtype) -> bool:

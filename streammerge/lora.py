@@ -68,3 +68,21 @@ def replace_rows(w: torch.Tensor, r0: int, indices: tuple[int, ...], values: tor
         if r0 <= i < r1:
             w[i - r0] = values[k].float()
     return w
+
+
+def expert_deltas(
+    a: torch.Tensor, b: torch.Tensor, experts: int, rank: int, e0: int, e1: int, scaling: float
+) -> torch.Tensor:
+    """PEFT's ParamWrapper update of experts ``[e0, e1)``: ``einsum("o r e, e r i -> e o i", B3, A3) *
+    scaling`` with ``A3 = A.reshape(E, r, in)``, ``B3 = B.reshape(out, r, E)`` (fp32, [n, out, in])."""
+    a3 = a.float().reshape(experts, rank, -1)[e0:e1]
+    b3 = b.float().reshape(b.shape[0], rank, experts)[:, :, e0:e1]
+    return torch.einsum("o r e, e r i -> e o i", b3, a3).mul_(scaling)  # x * s in place: the same bits
+
+
+def add_rounded(w: torch.Tensor, delta: torch.Tensor, weight: float, round_to: torch.dtype) -> torch.Tensor:
+    """PEFT adds a ParamWrapper's update cast to the weight's dtype (``param.data += delta.to(dtype)``):
+    two roundings. ``w`` is fp32; adding the rounded delta to it widens it exactly."""
+    if weight != 1.0:
+        delta = delta.mul_(weight)
+    return w.add_(delta.to(round_to))

@@ -14,9 +14,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from . import experts
 from .adapter import Adapter, LoraModule
 from .conversions import ConversionMap
 from .errors import AdapterError
+from .experts import ExpertDelta
 from .source import TensorRef
 
 #: weight names under which architectures keep their input embedding.
@@ -78,7 +80,7 @@ class RowReplace:
     origin: str
 
 
-Update = LowRank | BiasDelta | Dora | RowReplace
+Update = LowRank | BiasDelta | Dora | RowReplace | ExpertDelta
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,8 @@ class _Matcher:
     def __init__(self, shapes: dict[str, tuple[int, ...]], names: set[str], config: dict, match: Match, where: str):
         self.shapes, self.names, self.match, self.where = shapes, names, match, where
         self.base_modules = {module_of(n)[0] for n in names}
-        self.conversion = ConversionMap.build(str(config.get("model_type", "")), self.base_modules)
+        self.model_type = str(config.get("model_type", ""))
+        self.conversion = ConversionMap.build(self.model_type, self.base_modules)
         self.pending_bias: dict[str, list[tuple[Adapter, LoraModule]]] = {}
 
     def base_name(self, km: KeyMap, module: str, param: str = "weight") -> str | None:
@@ -235,7 +238,7 @@ class _Matcher:
         return None
 
     def adapter(self, ad: Adapter) -> None:
-        mods = list(ad.modules) + list(ad.tokens) + [module_of(n)[0] for n in ad.replacements]
+        mods = list(ad.modules) + list(ad.tokens) + [module_of(n)[0] for n in ad.replacements] + list(ad.params)
         extra = [self.conversion] if self.conversion else []
         km = choose_keymap(mods, self.base_modules, {"lm_head"} if self.match.tied else set(), extra)
         if km is self.conversion:
@@ -250,6 +253,8 @@ class _Matcher:
         for name, ref in ad.replacements.items():
             self.replacement(ad, km, name, ref, unmatched, used)
         self.lora_modules(ad, km, unmatched, used)
+        for owner in ad.params:
+            self.param_loras(ad, km, owner, unmatched, used)
         for mod, td in ad.tokens.items():
             base = self.base_name(km, mod)
             if base is None:
@@ -266,6 +271,7 @@ class _Matcher:
                 hint="the adapter was trained on a different model, or the base checkpoint uses other tensor names",
             )
         check_targets_present(ad, km, self.base_modules)
+        self.check_parameters_present(ad, km)
         unused = set(ad.tensors) - used
         if unused:
             raise AdapterError(
@@ -371,6 +377,39 @@ class _Matcher:
                     f"{mod}: tied to {mt.embed_key}; the LoRA update goes into that shared tensor, so it also "
                     "changes the input embedding (as in PEFT's merge_and_unload)"
                 )
+
+    def check_parameters_present(self, ad: Adapter, km: KeyMap) -> None:
+        spelled = {km.to_peft(b) for b in self.base_modules} - {None}
+        if self.conversion:
+            spelled |= set(self.conversion.to_tree.values())
+        missing = experts.untrained(ad, spelled)
+        if missing:
+            raise AdapterError(
+                f"{ad.weights_file}: adapter_config.json's target_parameters name {len(missing)} parameter(s) "
+                "that this adapter and base do not pair up on",
+                details=missing,
+                hint="the adapter file is incomplete, or it was trained on a different model",
+            )
+
+    def param_loras(self, ad: Adapter, km: KeyMap, owner: str, unmatched: list, used: set) -> None:
+        """target_parameters LoRA on ``owner``'s parameters (fused MoE experts), wherever they are stored."""
+        parts = [t.name for w in ad.params[owner] for t in (w.a, w.b)]
+        base_owner = km.to_base(owner)
+        if self.conversion and not experts.stored(ad, owner, base_owner, self.shapes, self.model_type):
+            km = self.conversion  # experts stored per expert under the architecture's old module names
+            base_owner = km.to_base_prefix(owner)
+        if base_owner is None:
+            unmatched += parts
+            return
+        for w, place in experts.assign(ad, owner, base_owner, self.shapes, self.model_type):
+            for tensor, upd in experts.updates_for(ad, w, place, owner):
+                self.match.updates.setdefault(tensor, []).append(upd)
+            r, alpha, scaling = ad.rank_alpha(f"{owner}.{place.param}")
+            where = place.fused or f"{len(place.pieces)} per-expert tensors {place.pieces[0][1]} ..."
+            rule = km.describe(owner) + ("" if place.fused else f"; {place.param} split per expert")
+            rec = ModuleRecord(ad.path, f"{owner}.{place.param}", where, "experts", r, alpha, scaling, ad.weight, rule)
+            self.match.records.append(rec)
+        used.update(parts)
 
     def lora_updates(self, ad: Adapter, lm: LoraModule, base: str, shape: tuple[int, ...]) -> list[Update]:
         """Check shapes and build the updates one LoRA module contributes to ``base``."""

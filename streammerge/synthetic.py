@@ -102,3 +102,56 @@ def write_synthetic_llama(
         )
     )
     return base, ad
+
+
+def write_synthetic_moe(
+    root: Path, hidden: int, inter: int, experts: int, layers: int, vocab: int = 1024, r: int = 8, seed: int = 0
+) -> tuple[Path, Path]:
+    """A Qwen3-MoE-shaped bf16 checkpoint with FUSED experts (``mlp.experts.gate_up_proj`` [E, 2I, H],
+    ``down_proj`` [E, H, I], the transformers-5 layout) in one shard per layer, and a target_parameters
+    adapter in PEFT's file layout (the layout the PEFT parity tests check: the inner wrapper
+    ``experts.base_layer.lora_*`` is gate_up_proj, the outer ``experts.lora_*`` down_proj)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    base, ad = root / "base", root / "adapter"
+    base.mkdir(parents=True)
+    ad.mkdir(parents=True)
+
+    def rand(*shape):
+        return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    weight_map, total, lora = {}, 0, {}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        part = {
+            f"{p}.mlp.experts.gate_up_proj": rand(experts, 2 * inter, hidden),
+            f"{p}.mlp.experts.down_proj": rand(experts, hidden, inter),
+            f"{p}.mlp.gate.weight": rand(experts, hidden),
+            f"{p}.input_layernorm.weight": rand(hidden),
+        }
+        if i == 0:
+            part["model.embed_tokens.weight"] = rand(vocab, hidden)
+        if i == layers - 1:
+            part["model.norm.weight"] = rand(hidden)
+            part["lm_head.weight"] = rand(vocab, hidden)
+        fname = f"model-{i + 1:05d}-of-{layers:05d}.safetensors"
+        save_file(part, base / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+        total += sum(t.numel() * 2 for t in part.values())
+        del part
+        m = f"base_model.model.{p}.mlp.experts"
+        for wrapper, n_in, n_out in ((".base_layer", hidden, 2 * inter), ("", inter, hidden)):
+            lora[f"{m}{wrapper}.lora_A.weight"] = torch.randn(experts * r, n_in, generator=g) * 0.01
+            lora[f"{m}{wrapper}.lora_B.weight"] = torch.randn(n_out, experts * r, generator=g) * 0.01
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": hidden}
+    cfg.update(moe_intermediate_size=inter, num_experts=experts, num_hidden_layers=layers, vocab_size=vocab)
+    cfg.update(dtype="bfloat16", tie_word_embeddings=False)
+    (base / "config.json").write_text(json.dumps(cfg))
+    save_file(lora, ad / "adapter_model.safetensors")
+    acfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0}
+    acfg.update(target_modules=[], target_parameters=["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])
+    (ad / "adapter_config.json").write_text(json.dumps(acfg))
+    return base, ad

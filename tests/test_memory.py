@@ -75,3 +75,35 @@ def test_merge_under_data_cap_on_model_three_times_larger(tmp_path):
                 assert torch.equal(got, src), k
                 seen += 1
     assert seen == 14 * 9 + 3
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux prlimit")
+def test_fused_moe_experts_merge_one_expert_block_at_a_time_under_cap(tmp_path):
+    """Fused experts [64, 2048, 1024]: the 3-D tensor alone is 537 MB in fp32, more than the cap, so it
+    can only be merged in expert blocks; the model is 1.8x the cap."""
+    from streammerge.synthetic import write_synthetic_moe
+
+    experts, inter, hidden, r = 64, 1024, 1024, 8
+    base, ad = write_synthetic_moe(tmp_path, hidden=hidden, inter=inter, experts=experts, layers=2, r=r)
+    size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    assert size > 1.5 * CAP and experts * 2 * inter * hidden * 4 > CAP
+    out = tmp_path / "out"
+    cmd = ["prlimit", f"--data={CAP}", sys.executable, "-m", "streammerge", "merge", str(base), str(ad), str(out)]
+    proc = subprocess.run([*cmd, "--json", "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["work_buffer_bytes"] <= 128 * 2**20
+    from safetensors.torch import load_file
+
+    lora = load_file(ad / "adapter_model.safetensors")
+    m = "base_model.model.model.layers.1.mlp.experts"
+    a = lora[f"{m}.base_layer.lora_A.weight"].reshape(experts, r, hidden)
+    b = lora[f"{m}.base_layer.lora_B.weight"].reshape(2 * inter, r, experts)
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    with (
+        safe_open(str(out / "model.safetensors"), "pt") as f,
+        safe_open(str(base / "model-00002-of-00002.safetensors"), "pt") as g,
+    ):
+        got, w0 = f.get_slice(name), g.get_slice(name)
+        for e in (0, 37, experts - 1):  # PEFT's per-expert update, rounded to bf16, then added
+            want = w0[e : e + 1][0] + ((b[:, :, e] @ a[e]) * 2.0).to(torch.bfloat16)
+            assert torch.equal(got[e : e + 1][0], want), e

@@ -5,6 +5,8 @@ the language model and on the vision tower, and writes the base's own layout."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import assert_matches_state_dict, logits, read_dir
@@ -132,6 +134,20 @@ def test_vlm_adapter_onto_transformers_saved_checkpoint(tmp_path, arch):
     assert all(f"{arch} key conversion" in m["rule"] for m in report.modules)
 
 
+def test_inspect_and_dry_run_show_the_rule_of_each_module(tmp_path, capsys):
+    from streammerge.cli import main
+
+    _, base, ad = _fixture(tmp_path, "llava")
+    assert main(["inspect", str(ad), "--base", str(base), "--json"]) == 0
+    mapping = json.loads(capsys.readouterr().out)["mapping"]
+    vision = next(m for m in mapping if m["module"].startswith("model.vision_tower."))
+    assert vision["tensor"] == vision["module"].replace("model.vision_tower.", "vision_tower.") + ".weight"
+    assert "^vision_tower\\. -> model.vision_tower." in vision["rule"]
+    assert main(["merge", str(base), str(ad), str(tmp_path / "out"), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "<- model.language_model.layers.0.self_attn.q_proj" in plan and "llava key conversion" in plan
+
+
 @pytest.mark.parametrize("arch", ["qwen2_vl", "llava"])
 def test_vlm_checkpoint_in_module_tree_layout_is_written_in_that_layout(tmp_path, arch):
     """The Hub holds both layouts: a base written with the in-memory (transformers-5) names merges too,
@@ -165,8 +181,11 @@ def test_ambiguous_conversion_is_an_error_naming_the_candidates(tmp_path):
 def test_rules_against_transformers_own_conversion():
     """Checkpoint names land on the real module tree, and module-tree names pass through unchanged."""
     samples = {
-        "qwen2_vl": ["model.layers.3.mlp.up_proj", "visual.blocks.0.attn.qkv", "lm_head", "model.embed_tokens"],
-        "llava": ["language_model.model.layers.1.self_attn.q_proj", "vision_tower.vision_model.encoder.layers.0.fc1"],
+        "qwen2_vl": ["model.layers.1.mlp.up_proj", "visual.blocks.0.attn.qkv", "lm_head", "model.embed_tokens"],
+        "llava": [
+            "language_model.model.layers.1.self_attn.q_proj",
+            "vision_tower.vision_model.encoder.layers.0.mlp.fc1",
+        ],
         "mllama": ["language_model.model.layers.0.self_attn.q_proj", "vision_model.transformer.layers.0.mlp.fc1"],
     }
     for arch, names in samples.items():

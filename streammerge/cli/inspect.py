@@ -9,8 +9,14 @@ from .common import EXIT_OK, common_args, fmt_bytes, print_json
 
 
 def add_parser(sub) -> None:
-    i = sub.add_parser("inspect", help="describe a checkpoint or adapter directory")
+    i = sub.add_parser(
+        "inspect",
+        help="describe a checkpoint or adapter directory",
+        description="Describe a checkpoint or an adapter. With --base, also show how each adapter module "
+        "maps onto the base's tensors, and by which rule (nothing is written).",
+    )
     i.add_argument("path", metavar="PATH")
+    i.add_argument("--base", metavar="BASE", help="for an adapter: the base checkpoint to map it onto")
     common_args(i)
 
 
@@ -60,7 +66,9 @@ def _adapter(p: Path) -> dict:
         "use_dora": c.get("use_dora", False),
         "target_modules": c.get("target_modules"),
         "modules_to_save": c.get("modules_to_save"),
+        "target_parameters": c.get("target_parameters"),
         "lora_modules": len(ad.modules),
+        "parameter_loras": sum(len(w) for w in ad.params.values()),
         "replacements": sorted(ad.replacements),
         "trainable_tokens": sorted(ad.tokens),
         "tensors": len(ad.tensors),
@@ -72,18 +80,35 @@ def _adapter(p: Path) -> dict:
     }
 
 
-def describe(path: str) -> dict:
+def _mapping(adapter: str, base: str) -> list[dict]:
+    """What a merge of ``adapter`` into ``base`` would do per module (planned from headers only)."""
+    from ..options import MergeOptions
+    from ..plan import plan_merge
+    from ..source import Reader
+
+    reader = Reader()
+    try:
+        _, _, plan = plan_merge(base, [(adapter, 1.0)], MergeOptions(), reader)
+    finally:
+        reader.close()
+    return [{"module": m.module, "tensor": m.tensor, "kind": m.kind, "rule": m.rule} for m in plan.modules]
+
+
+def describe(path: str, base: str | None = None) -> dict:
     from ..adapter import CONFIG_NAME
 
     p = Path(path)
     if (p / "config.json").is_file() and not (p / CONFIG_NAME).is_file():
         return _checkpoint(p)
-    return _adapter(p)
+    info = _adapter(p)
+    if base:
+        info["mapping"] = _mapping(path, base)
+    return info
 
 
 def _print(info: dict, out) -> None:
     for k, v in info.items():
-        if k not in ("tensor_list", "modules"):
+        if k not in ("tensor_list", "modules", "mapping"):
             out.write(f"{k}: {fmt_bytes(v) if k.endswith('bytes') and isinstance(v, int) else v}\n")
     if info["kind"] == "checkpoint":
         for t in info["tensor_list"]:
@@ -91,10 +116,14 @@ def _print(info: dict, out) -> None:
     else:
         for m in info["modules"]:
             out.write(f"  {m['kind']:<9} {m['module']}  r={m['r']} alpha={m['alpha']:g} scaling={m['scaling']:.6g}\n")
+    if "mapping" in info:
+        out.write("mapping onto the base:\n")
+        for m in info["mapping"]:
+            out.write(f"  {m['kind']:<9} {m['module']}  -> {m['tensor']}  [{m['rule']}]\n")
 
 
 def run(args, log) -> int:
-    info = describe(args.path)
+    info = describe(args.path, args.base)
     if args.json:
         print_json(info)
     else:
