@@ -18,17 +18,51 @@ from collections.abc import Callable
 
 from ..errors import QuantError
 from ..source import Checkpoint, TensorRef, stored_refs
-from . import bnb4, bnb8, dense
+from . import bnb4, bnb8, dense, fp8
 
 #: the quantized formats, tried in order; whatever none claims is dense.
-FORMATS = (bnb4, bnb8)
+FORMATS = (bnb4, bnb8, fp8)
+#: ``quantization_config.quant_method`` values these formats read
+KNOWN_METHODS = {"bitsandbytes", "fp8"}
+#: methods seen on the Hub that are refused by name, with what to do instead
+REFUSED_METHODS = {
+    "gptq": "GPTQ",
+    "awq": "AWQ",
+    "compressed-tensors": "compressed-tensors",
+    "hqq": "HQQ",
+    "eetq": "EETQ",
+    "aqlm": "AQLM",
+    "quanto": "quanto",
+    "torchao": "torchao",
+    "higgs": "HIGGS",
+    "vptq": "VPTQ",
+    "bitnet": "BitNet",
+    "fbgemm_fp8": "FBGEMM FP8",
+    "spqr": "SpQR",
+}
 
-Source = TensorRef | bnb4.Quant4Source | bnb8.Int8Source
+Source = TensorRef | bnb4.Quant4Source | bnb8.Int8Source | fp8.Fp8Source
+
+
+def check_method(ckpt: Checkpoint) -> None:
+    """A quantized checkpoint in a format no module reads is refused by name, never merged as if dense."""
+    qc = ckpt.config.get("quantization_config")
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method is None or method in KNOWN_METHODS:
+        return
+    name = REFUSED_METHODS.get(str(method), repr(method))
+    raise QuantError(
+        f"{ckpt.path}: the base is quantized with {name} (quantization_config.quant_method={method!r}), "
+        "which streammerge cannot dequantize exactly",
+        hint="merge onto the original 16-bit checkpoint of this model (usually the repo without the "
+        f"-{str(method).upper()} suffix), or dequantize it to a 16-bit checkpoint first",
+    )
 
 
 def logical_tensors(ckpt: Checkpoint, read_bytes: Callable[[TensorRef], bytes]) -> dict[str, Source]:
     """The checkpoint as the model sees it, in stored order: each quantized weight grouped with its
     companion tensors (found by keys, not module names) under its dequantized shape and dtype."""
+    check_method(ckpt)
     grouped: dict[str, Source] = {}
     for fmt in FORMATS:
         grouped.update(fmt.group(ckpt, read_bytes))
