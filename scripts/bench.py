@@ -39,6 +39,8 @@ PRESETS = {
     "default": (2048, 5632, 16, 16, 4, 32000, 4),
     "large": (4096, 11008, 18, 32, 8, 32000, 8),
     "70b-slice": (8192, 28672, 2, 64, 8, 128256, 4),
+    # the same slice stored FP8 e4m3 in blocks of 128 (as DeepSeek / Qwen FP8 checkpoints), merged to bf16
+    "70b-fp8-slice": (8192, 28672, 2, 64, 8, 128256, 4),
 }
 PEFT_SNIPPET = """
 import sys, torch
@@ -72,7 +74,8 @@ def build(preset: str) -> tuple[Path, Path]:
     hidden, inter, layers, heads, kv, vocab, shards = PRESETS[preset]
     t = time.perf_counter()
     print(f"building {preset} model under {root} ...", file=sys.stderr, flush=True)
-    base, ad = write_synthetic_llama(root, hidden, inter, layers, vocab, kv, heads, shards=shards, r=16)
+    fp8 = "fp8" in preset
+    base, ad = write_synthetic_llama(root, hidden, inter, layers, vocab, kv, heads, shards=shards, r=16, fp8=fp8)
     (root / ".complete").write_text("ok")
     print(f"  built in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
     return base, ad
@@ -371,7 +374,7 @@ def main() -> int:
             )
         print(line)
     for r in results:
-        if r.size == "70b-slice" and r.tool == "streammerge":
+        if r.size in ("70b-slice", "70b-fp8-slice") and r.tool == "streammerge":
             print(projection_70b(r, startup))
     if args.batch:
         print(bench_batch(args.sizes.split(",")[0], args.batch, args.out_dir / "batch"))

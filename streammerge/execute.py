@@ -8,6 +8,7 @@ job says so (:mod:`streammerge.sinks`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -146,7 +147,10 @@ class Executor:
         # expert tensor's rows are experts, each computed on its own: any expert block will do.
         if any(isinstance(u, ExpertDelta) and u.expert is None for u in job.updates):
             return 1
-        return COL_ALIGN if any(isinstance(u, LowRank) and u.transposed for u in job.updates) else ROW_ALIGN
+        align = COL_ALIGN if any(isinstance(u, LowRank) and u.transposed for u in job.updates) else ROW_ALIGN
+        if job.encoding is not None and getattr(job.encoding, "row_align", 0):
+            return math.lcm(job.encoding.row_align, align)  # and blocks start on the encoding's row blocks
+        return align
 
     def _prepare(self, job: TensorJob, dev: torch.device) -> tuple[Callable, list]:
         """The base-row reader and the adapter tensors of ``job``, on ``dev`` (adapter tensors are
@@ -168,8 +172,12 @@ class Executor:
         """``(tensor name, bytes)`` of the job's output(s), in order. On an accelerator that runs out
         of memory, the block is retried at half the rows, and at the smallest block on the CPU."""
         if job.is_copy:
-            for off in range(0, job.nbytes, COPY_CHUNK):
-                yield job.name, self.reader.raw(job.source, off, min(COPY_CHUNK, job.nbytes - off))
+            yield from self._copy(job.name, job.source)
+            return
+        parts = job.encoding.copy_parts(job.source) if job.encoding is not None and not job.updates else None
+        if parts:  # stored already in the output's encoding: its bytes as they are
+            for (name, _, _), ref in zip(job.outputs, parts, strict=True):
+                yield from self._copy(name, ref)
             return
         out_dtype = DTYPES[job.dtype][1]
         dev = self.device
@@ -192,11 +200,15 @@ class Executor:
                 continue
             self.peak_anon = max(self.peak_anon, anon_bytes())
             if job.encoding is not None:
-                for name, t in job.encoding.encode(job.name, out, self.ws):
+                for name, t in job.encoding.encode(job.name, out, self.ws, r0, rows):
                     yield name, tensor_bytes(t)
             else:
                 yield job.name, tensor_bytes(out)
             r0 = r1
+
+    def _copy(self, name: str, ref: TensorRef) -> Iterator[tuple[str, memoryview]]:
+        for off in range(0, ref.nbytes, COPY_CHUNK):
+            yield name, self.reader.raw(ref, off, min(COPY_CHUNK, ref.nbytes - off))
 
     def _after_oom(self, job: TensorJob, dev: torch.device, step: int, rows: int) -> tuple[int, torch.device]:
         """The block size and device to retry with after an out-of-memory error."""

@@ -9,7 +9,7 @@ import psutil
 from .errors import InputError
 from .source import DTYPE_ALIASES
 
-SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
+SAVE_METHODS = ("merged_16bit", "merged_4bit", "merged_fp8", "mxfp4", "lora")
 DEFAULT_MAX_MEMORY = "128MiB"
 CHECKSUMS = ("crc32", "sha256")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

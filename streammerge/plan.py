@@ -182,7 +182,7 @@ def _config(ckpt: Checkpoint, logical: dict, jobs: list[TensorJob], match: Match
     if out_float:
         set_config_dtype(config, out_float)
     if opts.save_method in ENCODINGS:
-        ENCODINGS[opts.save_method][1](config, jobs, match.embed_key, ckpt.path, notes)
+        ENCODINGS[opts.save_method][1](config, ckpt.config, jobs, match.embed_key, ckpt.path, notes)
     if match.untie:
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:

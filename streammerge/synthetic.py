@@ -24,9 +24,12 @@ def write_synthetic_llama(
     r: int = 16,
     dtype=torch.bfloat16,
     seed: int = 0,
+    fp8: bool = False,
 ) -> tuple[Path, Path]:
     """Write a Llama-shaped checkpoint to ``root/base`` and an r-rank LoRA adapter on all 7 projections
-    of every layer to ``root/adapter`` (PEFT's file layout); returns both paths."""
+    of every layer to ``root/adapter`` (PEFT's file layout); returns both paths. ``fp8``: the projections
+    stored FP8 e4m3 in blocks of 128 (transformers' FP8 quantizer arithmetic), as DeepSeek / Qwen FP8
+    checkpoints are."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
@@ -57,6 +60,8 @@ def write_synthetic_llama(
     for si in range(shards):
         fname = f"model-{si + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: (torch.randn(shapes[n], generator=g) * 0.02).to(dtype) for n in names[si * per : (si + 1) * per]}
+        if fp8:
+            part = _to_fp8(part)
         save_file(part, base / fname, metadata={"format": "pt"})
         for n, t in part.items():
             weight_map[n] = fname
@@ -80,6 +85,9 @@ def write_synthetic_llama(
         "max_position_embeddings": 4096,
         "hidden_act": "silu",
     }
+    if fp8:
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+        cfg["quantization_config"]["weight_block_size"] = [128, 128]
     (base / "config.json").write_text(json.dumps(cfg))
     lora = {}
     for i in range(layers):
@@ -102,6 +110,20 @@ def write_synthetic_llama(
         )
     )
     return base, ad
+
+
+def _to_fp8(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layer projections of a shard as FP8 weights and their block scales (the merged_fp8 encoder)."""
+    from .execute import Workspace
+    from .sinks.fp8 import Fp8Encoding
+
+    enc, ws, out = Fp8Encoding((128, 128)), Workspace(), {}
+    for name, t in part.items():
+        if t.dim() == 2 and ".layers." in name:
+            out.update((k, v.clone()) for k, v in enc.encode(name, t, ws, 0, t.shape[0]))
+        else:
+            out[name] = t
+    return out
 
 
 def write_synthetic_moe(

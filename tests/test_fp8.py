@@ -195,3 +195,45 @@ def test_bad_fp8_checkpoints_are_refused_naming_the_tensor(fp8_pair, tmp_path, t
         streammerge.merge(base, fp8_pair / "ad", tmp_path / "out")
     assert main(["merge", str(base), str(fp8_pair / "ad"), str(tmp_path / "out"), "-q"]) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_merged_fp8_keeps_the_base_fp8(fp8_pair, tmp_path):
+    """Untouched FP8 weights and scales are copied byte for byte; merged weights equal transformers' own
+    FP8 quantizer run over the merged_16bit output; transformers loads the result as an FP8 checkpoint."""
+    import transformers as tf
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    base, ad = fp8_pair / "fp8", fp8_pair / "ad"
+    streammerge.merge(base, ad, tmp_path / "m16")
+    report = streammerge.merge(base, ad, tmp_path / "m8", save_method="merged_fp8", max_memory="4MiB")
+    ours, stored = read_dir(tmp_path / "m8"), read_dir(base)
+    assert set(ours) == set(stored)
+    touched = {m["tensor"] for m in report.modules}
+    for k, v in ours.items():
+        assert v.dtype == stored[k].dtype, k
+        if k.removesuffix("_scale_inv") not in touched:
+            assert torch.equal(v.view(torch.uint8), stored[k].view(torch.uint8)), k
+    check = FineGrainedFP8HfQuantizer.validate_environment
+    FineGrainedFP8HfQuantizer.validate_environment = lambda self, *a, **k: None
+    try:
+        qc = tf.FineGrainedFP8Config(weight_block_size=[128, 128])
+        tq = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "m16", quantization_config=qc, dtype=torch.bfloat16)
+        tq.save_pretrained(tmp_path / "tq")
+    finally:
+        FineGrainedFP8HfQuantizer.validate_environment = check
+    theirs = read_dir(tmp_path / "tq")
+    for k in touched:
+        for name in (k, k + "_scale_inv"):
+            assert torch.equal(ours[name].view(torch.uint8), theirs[name].view(torch.uint8)), name
+    assert json.loads((tmp_path / "m8" / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    m8, m16 = _dequantized(tmp_path / "m8"), tf.AutoModelForCausalLM.from_pretrained(tmp_path / "m16").eval()
+    w8 = m8.model.layers[0].mlp.gate_proj.weight.float()
+    w16 = m16.model.layers[0].mlp.gate_proj.weight.float()
+    assert 0 < (w8 - w16).abs().max() <= 0.07 * w16.abs().max()  # e4m3: 3 mantissa bits
+    assert (logits(m8, IDS) - logits(m16, IDS)).abs().max() < 1.0
+    assert any("merged_fp8" in n for n in report.notes)
+
+
+def test_merged_fp8_needs_an_fp8_base(fp8_pair, tmp_path):
+    with pytest.raises(QuantError, match="holds no FP8 weight"):
+        streammerge.merge(fp8_pair / "b16", fp8_pair / "ad", tmp_path / "out", save_method="merged_fp8")

@@ -107,3 +107,35 @@ def test_fused_moe_experts_merge_one_expert_block_at_a_time_under_cap(tmp_path):
         for e in (0, 37, experts - 1):  # PEFT's per-expert update, rounded to bf16, then added
             want = w0[e : e + 1][0] + ((b[:, :, e] @ a[e]) * 2.0).to(torch.bfloat16)
             assert torch.equal(got[e : e + 1][0], want), e
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux prlimit")
+def test_fp8_base_merges_under_data_cap(tmp_path):
+    """An FP8 block-scaled model twice the cap's size, merged to bf16 under the cap; a merged weight
+    checked against the block-wise dequantization plus the LoRA update."""
+    base, ad = write_synthetic_llama(
+        tmp_path, hidden=2048, inter=5632, layers=16, vocab=32000, kv_heads=4, heads=16, fp8=True
+    )
+    size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    assert size > 2 * CAP
+    out = tmp_path / "out"
+    cmd = ["prlimit", f"--data={CAP}", sys.executable, "-m", "streammerge", "merge", str(base), str(ad), str(out)]
+    proc = subprocess.run([*cmd, "--shard-size", "400MB", "--json", "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["merged_onto"].startswith("dequantized FP8 block-scaled weights (112 tensors)")
+    from safetensors.torch import load_file
+
+    lora = load_file(ad / "adapter_model.safetensors")
+    where = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    out_where = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    k = "model.layers.15.mlp.down_proj.weight"
+    with safe_open(str(base / where[k]), "pt") as f:
+        q, s = f.get_tensor(k), f.get_tensor(k + "_scale_inv")
+    with safe_open(str(out / out_where[k]), "pt") as f:
+        got = f.get_tensor(k)
+    scale = s.repeat_interleave(128, 0)[: q.shape[0]].repeat_interleave(128, 1)[:, : q.shape[1]]
+    m = "base_model.model." + k[: -len(".weight")]
+    delta = (lora[f"{m}.lora_B.weight"] @ lora[f"{m}.lora_A.weight"]) * 2.0
+    want = ((q.float() * scale).to(torch.bfloat16).float() + delta).to(torch.bfloat16)
+    assert torch.equal(got, want)

@@ -61,7 +61,9 @@ def _output_args(m: argparse.ArgumentParser) -> None:
         default="merged_16bit",
         choices=SAVE_METHOD_CHOICES,
         help="merged_16bit: dense merged model; merged_4bit: merged then re-quantized with bitsandbytes "
-        "(loses precision); lora: no merge, a validated and normalized adapter directory",
+        "(loses precision); merged_fp8 / mxfp4: an FP8 / MXFP4 base stays so (merged weights re-quantized, the "
+        "rest copied); "
+        "lora: no merge, a validated and normalized adapter directory",
     )
     m.add_argument(
         "--quant-type", choices=["nf4", "fp4"], help="merged_4bit: 4-bit type (default: the input's, or nf4)"

@@ -18,12 +18,12 @@ from collections.abc import Callable
 
 from ..errors import QuantError
 from ..source import Checkpoint, TensorRef, stored_refs
-from . import bnb4, bnb8, dense, fp8
+from . import bnb4, bnb8, dense, fp8, mxfp4
 
 #: the quantized formats, tried in order; whatever none claims is dense.
-FORMATS = (bnb4, bnb8, fp8)
+FORMATS = (bnb4, bnb8, fp8, mxfp4)
 #: ``quantization_config.quant_method`` values these formats read
-KNOWN_METHODS = {"bitsandbytes", "fp8"}
+KNOWN_METHODS = {"bitsandbytes", "fp8", "mxfp4"}
 #: methods seen on the Hub that are refused by name, with what to do instead
 REFUSED_METHODS = {
     "gptq": "GPTQ",
@@ -41,7 +41,7 @@ REFUSED_METHODS = {
     "spqr": "SpQR",
 }
 
-Source = TensorRef | bnb4.Quant4Source | bnb8.Int8Source | fp8.Fp8Source
+Source = TensorRef | bnb4.Quant4Source | bnb8.Int8Source | fp8.Fp8Source | mxfp4.Mxfp4Source
 
 
 def check_method(ckpt: Checkpoint) -> None:
@@ -74,10 +74,15 @@ def logical_tensors(ckpt: Checkpoint, read_bytes: Callable[[TensorRef], bytes]) 
             details=sorted(stray),
             hint="the checkpoint is incomplete (a shard missing?) or was saved by an unsupported tool",
         )
+    # a source named like one of its stored tensors sits where that tensor is; one named otherwise
+    # (MXFP4: ``<p>`` from ``<p>_blocks``) where its first stored tensor is
+    renamed = {r.name: lg for lg, src in grouped.items() if lg not in ckpt.tensors for r in stored_refs(src)}
     out: dict[str, Source] = {}
     for name, ref in ckpt.tensors.items():
         if name in grouped:
             out[name] = grouped[name]
+        elif name in renamed:
+            out.setdefault(renamed[name], grouped[renamed[name]])
         elif name not in used:
             out[name] = ref
     return out

@@ -43,7 +43,10 @@ class Bnb4Encoding:
         out.append((f"{name}.quant_state.bitsandbytes__{self.quant_type}", "U8", (QUANT_STATE_BYTES,)))
         return out
 
-    def encode(self, name: str, out: torch.Tensor, ws) -> Iterator[tuple[str, torch.Tensor]]:
+    def copy_parts(self, src) -> list | None:
+        return None  # a 4-bit base's weight is re-quantized with the requested settings even when untouched
+
+    def encode(self, name: str, out: torch.Tensor, ws, r0: int, rows: int) -> Iterator[tuple[str, torch.Tensor]]:
         """The tensors of :meth:`outputs` for the merged values ``out`` (rounded to the output dtype)."""
         # the quantizer works in fp32: handing it the rounded values in a reused fp32 buffer spares it
         # a fresh fp32 copy per tensor (page faults: 15-16 s instead of 10.8 s per 1.7 GB; same bits)
@@ -83,7 +86,7 @@ def encoding_for(name: str, src, shape: tuple[int, ...], embed_key: str | None, 
     return Bnb4Encoding(q.quant_type, q.blocksize, q.double_quant)
 
 
-def edit_config(config: dict, jobs: list, embed_key: str | None, where: str, notes: list[str]) -> None:
+def edit_config(config: dict, base_config: dict, jobs: list, embed_key: str | None, where: str, notes: list) -> None:
     """``quantization_config`` as transformers writes it for the quantized jobs."""
     qjobs = [j for j in jobs if j.encoding is not None]
     if not qjobs:
