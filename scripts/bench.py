@@ -189,10 +189,13 @@ def bench_tool(
 
 def projection_70b(r: Result, startup: float) -> str:
     """Full Llama-3-70B (80 layers) time from the 2-layer slice: the pipeline's cost is linear in bytes
-    (see the size sweep), so scale the slice's merge time (less the measured start-up) by bytes."""
-    hidden, inter, _, heads, kv, vocab, _ = PRESETS["70b-slice"]
+    (see the size sweep), so scale the slice's merge time (less the measured start-up) by the bytes of
+    the stored base (FP8 slices: the FP8 70B)."""
+    hidden, inter, _, heads, kv, vocab, _ = PRESETS[r.size]
     head_dim = hidden // heads
-    layer = 2 * (hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2 + 3 * hidden * inter + 2 * hidden)
+    per = 1 if "fp8" in r.size else 2  # bytes per stored projection weight (FP8 slices: e4m3)
+    proj = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2 + 3 * hidden * inter
+    layer = per * proj + 2 * 2 * hidden
     full = 80 * layer + 2 * 2 * vocab * hidden + 2 * hidden
     scale = full / r.model_bytes
     est = startup + (r.wall_s - startup) * scale

@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import hub
 from .adapter import load_adapter
 from .errors import InputError, StreamMergeError
 from .execute import Executor, Workspace
@@ -181,7 +182,7 @@ def batch(
         return _batch_distributed(
             base, jobs, resume, overwrite, device, max_memory, executor, workers, address, direct_io
         )
-    base = Path(base)
+    base = hub.resolve(base, "base").path
     dev = resolve_device(device)
     reader = Reader()
     results: list[JobResult] = []
@@ -198,7 +199,8 @@ def batch(
             try:
                 o = dict(spec.options)
                 opts = make_options(device=device, max_memory=max_memory, direct_io=direct_io, **o)
-                ads = [load_adapter(p, reader, w) for p, w in map(split_adapter_spec, spec.adapters)]
+                specs = [(hub.resolve(p, "adapter").path, w) for p, w in map(split_adapter_spec, spec.adapters)]
+                ads = [load_adapter(p, reader, w) for p, w in specs]
                 plan = build_plan(ckpt, ads, opts, lambda ref: bytes(reader.raw(ref)))
                 check_output(spec.out, [base] + [Path(a.path) for a in ads], overwrite or resume)
                 report = new_report(base, ads, spec.out, opts, plan, dev)

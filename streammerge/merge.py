@@ -14,7 +14,7 @@ import resource
 import time
 from pathlib import Path
 
-from . import distributed
+from . import distributed, hub
 from .adapter import Adapter
 from .errors import InputError, OutputError
 from .execute import Executor
@@ -183,7 +183,7 @@ def adapter_specs(adapter, adapters) -> list[tuple[str, float]]:
 
 
 def merge(
-    base: str | Path,
+    base: str | Path | None,
     adapter: str | Path | list,
     out: str | Path,
     *,
@@ -207,6 +207,9 @@ def merge(
     executor: str = "inprocess",
     workers: int = 2,
     address: str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
 ) -> MergeReport:
     """Merge LoRA ``adapter`` (and ``adapters``, each ``PATH[:WEIGHT]`` or ``(path, weight)``) into
     ``base`` and write the result to ``out``. Returns the :class:`MergeReport`.
@@ -215,7 +218,9 @@ def merge(
     shards. ``save_method``: ``merged_16bit`` (dense merged checkpoint), ``merged_4bit`` (merged, then
     re-quantized with bitsandbytes: ``quant_type``/``blocksize``/``double_quant`` override the input's
     settings or the defaults nf4/64/True), or ``lora`` (no merge: validate the adapter against the
-    base and write a normalized adapter directory)."""
+    base and write a normalized adapter directory). ``base`` and adapters may be Hub repo ids
+    (``ORG/NAME[@REVISION]``, read from the local cache); ``base=None`` takes the adapter's
+    ``base_model_name_or_path``. ``push_to_hub``: upload the finished output to that repo."""
     t0 = time.perf_counter()
     specs = adapter_specs(adapter, adapters)
     if save_method == "lora" and (len(specs) != 1 or specs[0][1] != 1.0):
@@ -225,13 +230,18 @@ def merge(
         compress, checksum, direct_io,
     )  # fmt: skip
     dev = resolve_device(device)
-    out, base = Path(out), Path(base)
+    out = Path(out)
+    sources, rbase, notes = _resolve_inputs(base, specs)
+    base = rbase.path
     reader = Reader()
     try:
-        ckpt, ads, plan = plan_merge(base, specs, opts, reader)
+        ckpt, ads, plan = plan_merge(base, [(str(r.path), w) for r, w in sources], opts, reader)
         check_output(out, [base] + [Path(a.path) for a in ads], overwrite)
         aux = aux_files(base, ads, ckpt)
-        report = new_report(base, ads, out, opts, plan, dev, dry_run)
+        by_path = {str(r.path): r for r, _ in sources}
+        report = new_report(rbase.spec, ads, out, opts, plan, dev, dry_run, by_path)
+        report.base_source = rbase.describe()
+        report.notes[:0] = notes + _sibling_note(rbase, ckpt, specs)
         drop_behind_if_large(reader, ckpt, report.notes)
         if dry_run:
             report.seconds = {"total": round(time.perf_counter() - t0, 3)}
@@ -245,9 +255,37 @@ def merge(
         with OutputLock(out):
             dist = None if executor == "inprocess" else (executor, workers, address)
             _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume, t0, dist)
+        if push_to_hub:
+            report.pushed_to = hub.push(out, push_to_hub, private, revision, report)
         return report
     finally:
         reader.close()
+
+
+def _resolve_inputs(base, specs: list[tuple[str, float]]) -> tuple[list, hub.Resolved, list[str]]:
+    """Adapters and base as local paths (Hub repo ids: their cached snapshots); without a base, the one
+    the first adapter names."""
+    sources = [(hub.resolve(p, "adapter"), w) for p, w in specs]
+    notes = []
+    if base is None:
+        base = hub.base_from_adapter(sources[0][0])
+        notes.append(f"base taken from the adapter's base_model_name_or_path: {base}")
+    rbase = hub.resolve(base, "base")
+    if rbase.repo_id:
+        notes.append(f"base {rbase.repo_id} at commit {rbase.commit}, read in place from {rbase.path}")
+    return sources, rbase, notes
+
+
+def _sibling_note(rbase: hub.Resolved, ckpt: Checkpoint, specs) -> list[str]:
+    sibling = hub.full_precision_sibling(rbase, ckpt.config)
+    if sibling is None:
+        return []
+    ads = " ".join(p if w == 1.0 else f"{p}:{w:g}" for p, w in specs)
+    return [
+        f"{rbase.repo_id} is pre-quantized and its full-precision sibling {sibling} is in the cache: "
+        f"`streammerge merge {sibling} {ads} OUT` merges onto the 16-bit weights instead (see README: which base "
+        "to merge onto)"
+    ]
 
 
 def _check_space(out: Path, plan: MergePlan, aux: dict, free: int) -> None:

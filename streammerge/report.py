@@ -39,6 +39,8 @@ class MergeReport:
     merged_onto: str = ""
     resumed_shards: int = 0
     work_buffer_bytes: int = 0
+    base_source: dict = field(default_factory=dict)  # the local path, or the repo id, revision and commit
+    pushed_to: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +61,14 @@ def anon_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+def _source(ad, sources) -> dict:
+    """Where an adapter came from, when it was named by a repo id."""
+    for path, src in (sources or {}).items():
+        if src.repo_id and (ad.path == path or ad.path.startswith(path + "/")):
+            return {"source": src.describe()}
+    return {}
 
 
 def _existing_parent(p: Path) -> Path:
@@ -83,12 +93,14 @@ def options_dict(opts) -> dict:
     }
 
 
-def new_report(base: Path, ads: list, out: Path, opts, plan, dev, dry_run: bool = False) -> MergeReport:
+def new_report(base, ads: list, out: Path, opts, plan, dev, dry_run: bool = False, sources=None) -> MergeReport:
     """The report of a planned merge (filled in as the run goes)."""
     report = MergeReport(
         version=__version__,
         base=str(base),
-        adapters=[{"path": a.path, "weight": a.weight, "weights_file": a.weights_file} for a in ads],
+        adapters=[
+            {"path": a.path, "weight": a.weight, "weights_file": a.weights_file, **_source(a, sources)} for a in ads
+        ],
         out=str(out),
         options=options_dict(opts),
         dry_run=dry_run,

@@ -8,6 +8,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import hub
 from .errors import StreamMergeError
 from .options import MergeOptions, QuantOut
 from .sinks.outdir import algo_of, file_checksum
@@ -103,6 +104,8 @@ def verify(
         compress=o.get("compress"),
     )
     specs = [(str(a[0]), float(a[1])) if isinstance(a, tuple) else split_adapter_spec(str(a)) for a in adapters]
+    specs = [(str(hub.resolve(p, "adapter").path), w) for p, w in specs]
+    base = hub.resolve(base, "base").path
     reader = Reader()
     try:
         _, _, plan = plan_merge(base, specs, opts, reader)

@@ -95,14 +95,19 @@ def _mapping(adapter: str, base: str) -> list[dict]:
 
 
 def describe(path: str, base: str | None = None) -> dict:
+    from .. import hub
     from ..adapter import CONFIG_NAME
 
-    p = Path(path)
+    src = hub.resolve(path, "any")
+    p = src.path
     if (p / "config.json").is_file() and not (p / CONFIG_NAME).is_file():
-        return _checkpoint(p)
-    info = _adapter(p)
-    if base:
-        info["mapping"] = _mapping(path, base)
+        info = _checkpoint(p)
+    else:
+        info = _adapter(p)
+        if base:
+            info["mapping"] = _mapping(str(p), str(hub.resolve(base, "base").path))
+    if src.repo_id:
+        info["source"] = src.describe()
     return info
 
 

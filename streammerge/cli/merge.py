@@ -27,9 +27,14 @@ def add_parser(sub, epilog: str) -> None:
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    m.add_argument("base", metavar="BASE", help="Hugging Face model directory (config.json + safetensors)")
-    m.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter directory, optionally PATH:WEIGHT")
-    m.add_argument("out", metavar="OUT", help="output directory (must not exist or be empty)")
+    m.add_argument(
+        "base",
+        metavar="BASE",
+        help="Hugging Face model directory, or a Hub repo id ORG/NAME[@REVISION] read from the local cache; "
+        "omit it (two arguments: ADAPTER OUT) to take the adapter's base_model_name_or_path",
+    )
+    m.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter directory or repo id, optionally :WEIGHT")
+    m.add_argument("out", metavar="OUT", nargs="?", help="output directory (must not exist or be empty)")
     m.add_argument(
         "--adapter",
         dest="extra_adapters",
@@ -51,6 +56,9 @@ def add_parser(sub, epilog: str) -> None:
     _output_args(m)
     _run_args(m)
     m.add_argument("--allow-nonfinite", action="store_true", help="do not fail on NaN/Inf in adapter or output")
+    m.add_argument("--push-to-hub", metavar="REPO", help="after a successful merge, upload OUT to this Hub repo")
+    m.add_argument("--private", action="store_true", help="--push-to-hub: create the repo private")
+    m.add_argument("--revision", metavar="BRANCH", help="--push-to-hub: upload to this branch (created if needed)")
     direct_io_arg(m)
     common_args(m)
 
@@ -116,7 +124,9 @@ def _run_args(m: argparse.ArgumentParser) -> None:
 
 def print_plan(report, out) -> None:
     w = out.write
-    w(f"base:     {report.base}\n")
+    src = report.base_source
+    base = f"{src['repo_id']}@{src['commit']} ({src['path']})" if src.get("repo_id") else report.base
+    w(f"base:     {base}\n")
     for a in report.adapters:
         w(f"adapter:  {a['path']} (weight {a['weight']:g})\n")
     w(f"output:   {report.out}  dtype={report.options['dtype']} device={report.device}\n")
@@ -154,10 +164,11 @@ def run(args, log) -> int:
     from ..merge import merge
 
     progress = not args.no_progress and not args.quiet and sys.stderr.isatty()
+    base, adapter, out = (args.base, args.adapter, args.out) if args.out else (None, args.base, args.adapter)
     report = merge(
-        args.base,
-        args.adapter,
-        args.out,
+        base,
+        adapter,
+        out,
         adapters=args.extra_adapters,
         dtype=args.dtype,
         shard_size=args.shard_size,
@@ -178,6 +189,9 @@ def run(args, log) -> int:
         quant_type=args.quant_type,
         blocksize=args.blocksize,
         double_quant=args.double_quant,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        revision=args.revision,
     )
     for w in report.warnings:
         log.warning(w)
@@ -185,9 +199,10 @@ def run(args, log) -> int:
         from ..errors import VerifyError
         from ..verify import verify
 
-        vr = verify(args.out, args.base, [args.adapter, *args.extra_adapters], args.verify_sample)
+        base_path = report.base_source.get("path", report.base)
+        vr = verify(out, base_path, [adapter, *args.extra_adapters], args.verify_sample)
         if not vr.ok:
-            raise VerifyError(f"{args.out}: verification failed", details=vr.problems)
+            raise VerifyError(f"{out}: verification failed", details=vr.problems)
         log.info("verified: %d shard checksums, %d tensors recomputed bit for bit", vr.checksums_checked, vr.recomputed)
     if args.json:
         print_json(report.to_dict())
