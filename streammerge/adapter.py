@@ -7,10 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .errors import AdapterError
-from .source import DTYPES, TORCH_TO_ST, Reader, TensorRef, parse_header, read_json
+from .source import DTYPES, Reader, TensorRef, parse_header, read_json, st_dtype
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.safetensors.zst")
@@ -225,6 +223,8 @@ def _load_weights(adir: Path, reader: Reader) -> tuple[str, dict[str, TensorRef]
         return str(st), dict(header.tensors)
     pt = adir / WEIGHT_NAMES[1]
     if pt.is_file():
+        import torch
+
         try:
             sd = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises many types for bad pickles
@@ -236,12 +236,12 @@ def _load_weights(adir: Path, reader: Reader) -> tuple[str, dict[str, TensorRef]
             raise AdapterError(f"{pt}: must hold a dict of tensors")
         refs = {}
         for k, v in sd.items():
-            if v.dtype not in TORCH_TO_ST:
+            if st_dtype(v.dtype) is None:
                 raise AdapterError(f"{pt}: tensor {k!r} has unsupported dtype {v.dtype}")
             v = v.contiguous()
             sd[k] = v
-            st_dtype = TORCH_TO_ST[v.dtype]
-            refs[k] = TensorRef(k, str(pt), st_dtype, tuple(v.shape), -1, v.numel() * DTYPES[st_dtype][0])
+            name = st_dtype(v.dtype)
+            refs[k] = TensorRef(k, str(pt), name, tuple(v.shape), -1, v.numel() * DTYPES[name][0])
         reader.register_pickled(str(pt), sd)
         return str(pt), refs
     raise AdapterError(

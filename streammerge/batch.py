@@ -17,18 +17,18 @@ from pathlib import Path
 
 from . import hub
 from .adapter import load_adapter
+from .api import fingerprint, finish_output, open_run
 from .errors import InputError, StreamMergeError
 from .execute import Executor, Workspace
 from .formats import logical_tensors
-from .merge import fingerprint, finish_output, open_run
 from .options import make_options, resolve_device
-from .pipeline import Prefetcher, WriterThread, drop_behind_if_large
+from .pipeline import Prefetcher, WriterThread
 from .plan import build_plan
 from .report import REPORT_NAME, new_report
 from .sinks.lora import write_lora
 from .sinks.outdir import OutputLock, aux_files, check_output, discard_work_dir
 from .sinks.safetensors import ShardWriter, open_shard_writer
-from .source import Reader, open_checkpoint, split_adapter_spec
+from .source import Reader, drop_behind_if_large, open_checkpoint, split_adapter_spec
 
 log = logging.getLogger("streammerge")
 JOB_OPTIONS = (
@@ -233,7 +233,7 @@ def _start(spec: JobSpec, resume: bool, results: list[JobResult]) -> JobResult:
 
 
 def _batch_distributed(base, jobs, resume, overwrite, device, max_memory, executor, workers, address, direct_io):
-    from .merge import merge
+    from .api import merge
 
     results = []
     for spec in jobs:

@@ -39,10 +39,10 @@ def run_shard(task: ShardTask) -> dict:
 
     from .execute import Executor
     from .options import resolve_device
-    from .pipeline import drop_behind_if_large, run_shards
+    from .pipeline import run_shards
     from .plan import plan_merge
     from .report import scratch_report
-    from .source import Reader
+    from .source import Reader, drop_behind_if_large
 
     if task.threads:
         torch.set_num_threads(task.threads)

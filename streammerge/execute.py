@@ -22,7 +22,7 @@ from .options import MergeOptions
 from .plan import TensorJob
 from .report import MergeReport, anon_bytes
 from .sinks.safetensors import staging_bytes
-from .source import DTYPES, Reader, TensorRef, numel, tensor_bytes
+from .source import DTYPES, Reader, TensorRef, numel, tensor_bytes, torch_dtype
 
 COPY_CHUNK = 64 * 1024 * 1024
 WRITE_QUEUE = 1  # blocks queued for the writer thread; work buffers rotate through WRITE_QUEUE + 2 slots
@@ -179,7 +179,7 @@ class Executor:
             for (name, _, _), ref in zip(job.outputs, parts, strict=True):
                 yield from self._copy(name, ref)
             return
-        out_dtype = DTYPES[job.dtype][1]
+        out_dtype = torch_dtype(job.dtype)
         dev = self.device
         rows_of, prepared = self._prepare(job, dev)
         rows = job.shape[0] if job.shape else 1

@@ -6,32 +6,45 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import InputError
 
-#: safetensors dtype name -> (item size in bytes, torch dtype or None when torch lacks it).
-DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
-    "BOOL": (1, torch.bool),
-    "U8": (1, torch.uint8),
-    "I8": (1, torch.int8),
-    "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None)),
-    "F8_E5M2": (1, getattr(torch, "float8_e5m2", None)),
-    "F8_E8M0": (1, getattr(torch, "float8_e8m0fnu", None)),
-    "I16": (2, torch.int16),
-    "U16": (2, getattr(torch, "uint16", None)),
-    "F16": (2, torch.float16),
-    "BF16": (2, torch.bfloat16),
-    "I32": (4, torch.int32),
-    "U32": (4, getattr(torch, "uint32", None)),
-    "F32": (4, torch.float32),
-    "I64": (8, torch.int64),
-    "U64": (8, getattr(torch, "uint64", None)),
-    "F64": (8, torch.float64),
-    "C64": (8, getattr(torch, "complex64", None)),
+#: safetensors dtype name -> (item size in bytes, the name of the torch dtype; torch may lack some).
+DTYPES: dict[str, tuple[int, str]] = {
+    "BOOL": (1, "bool"),
+    "U8": (1, "uint8"),
+    "I8": (1, "int8"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E8M0": (1, "float8_e8m0fnu"),
+    "I16": (2, "int16"),
+    "U16": (2, "uint16"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I32": (4, "int32"),
+    "U32": (4, "uint32"),
+    "F32": (4, "float32"),
+    "I64": (8, "int64"),
+    "U64": (8, "uint64"),
+    "F64": (8, "float64"),
+    "C64": (8, "complex64"),
 }
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-TORCH_TO_ST = {v[1]: k for k, v in DTYPES.items() if v[1] is not None}
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a safetensors dtype name (None where this torch lacks it). Imports torch:
+    reading headers and planning do not need it."""
+    import torch
+
+    return getattr(torch, DTYPES[name][1], None)
+
+
+def st_dtype(dtype) -> str | None:
+    """The safetensors name of a torch dtype."""
+    name = str(dtype).removeprefix("torch.")
+    return next((k for k, v in DTYPES.items() if v[1] == name), None)
+
+
 #: user-facing names accepted by ``--dtype`` and written to config.json.
 DTYPE_ALIASES = {
     "bf16": "BF16",

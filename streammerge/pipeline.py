@@ -9,29 +9,14 @@ import threading
 import time
 from collections.abc import Callable
 
-import psutil
 from tqdm import tqdm
 
 from .execute import WRITE_QUEUE, Executor
 from .plan import MergePlan, ShardPlan
 from .sinks.safetensors import ShardWriter, open_shard_writer
-from .source import Checkpoint, Reader, stored_refs
+from .source import Reader, stored_refs
 
 PREFETCH_BYTES = 256 * 1024 * 1024  # base bytes the kernel is asked to read ahead of the merge
-
-
-def drop_behind_if_large(reader: Reader, ckpt: Checkpoint, notes: list[str] | None = None) -> None:
-    """A base larger than half the RAM cannot stay cached until a next run anyway: drop each tensor's
-    pages from the page cache once it is merged, so the merge does not push out what other programs
-    keep cached (the output bypasses the cache already, with O_DIRECT)."""
-    ram = psutil.virtual_memory().total
-    if ckpt.total_bytes > ram // 2:
-        reader.drop_behind = True
-        if notes is not None:
-            notes.append(
-                f"the base ({ckpt.total_bytes / 1e9:.1f} GB) is larger than half the RAM ({ram / 1e9:.1f} GB): "
-                "its pages leave the page cache as they are merged"
-            )
 
 
 class Prefetcher:

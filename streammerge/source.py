@@ -14,8 +14,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .archive import ArchiveView, TarZstFile, ZstFile
 from .errors import InputError
 from .header import (
@@ -25,12 +23,13 @@ from .header import (
     DTYPES,
     FLOAT_DTYPES,
     FLOAT_NAMES,
-    TORCH_TO_ST,
     ShardHeader,
     TensorRef,
     is_zst,
     numel,
     parse_header,
+    st_dtype,
+    torch_dtype,
 )
 
 __all__ = [
@@ -38,13 +37,14 @@ __all__ = [
     "DTYPES",
     "DTYPE_ALIASES",
     "FLOAT_DTYPES",
-    "TORCH_TO_ST",
     "Checkpoint",
     "Reader",
     "TensorRef",
     "numel",
     "open_checkpoint",
     "parse_header",
+    "st_dtype",
+    "torch_dtype",
 ]
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -189,8 +189,10 @@ def _assemble(view, root: Path) -> Checkpoint:
     return Checkpoint(str(root), config, tensors, (view.path(single),), False)
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t) -> memoryview:
     """A tensor's bytes (moved to the CPU, made contiguous) as a flat memoryview."""
+    import torch
+
     return memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
@@ -211,12 +213,12 @@ class Reader:
         self._zst: dict[str, ZstFile] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._fds: dict[str, int] = {}
-        self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self._pickled: dict[str, dict] = {}
         self.bytes_read = 0
         #: also drop finished tensors from the page cache (for a base larger than the RAM could cache)
         self.drop_behind = drop_behind
 
-    def register_pickled(self, file: str, tensors: dict[str, torch.Tensor]) -> None:
+    def register_pickled(self, file: str, tensors: dict) -> None:
         self._pickled[file] = tensors
 
     def _map(self, file: str) -> mmap.mmap:
@@ -247,12 +249,14 @@ class Reader:
             z = self._zst[key] = TarZstFile(key) if ARCHIVE_SEP in ref.file else ZstFile(ref.file)
         return z.tensor_bytes(ref)
 
-    def tensor(self, ref: TensorRef) -> torch.Tensor:
+    def tensor(self, ref: TensorRef):
         """The whole tensor as a zero-copy torch view (a CPU tensor of its stored dtype)."""
         if ref.offset < 0:
             self.bytes_read += ref.nbytes
             return self._pickled[ref.file][ref.name]
-        tdtype = DTYPES[ref.dtype][1]
+        import torch
+
+        tdtype = torch_dtype(ref.dtype)
         if tdtype is None:
             raise InputError(
                 f"{ref.file}: tensor {ref.name!r} has dtype {ref.dtype}, which this torch cannot compute on"
@@ -328,3 +332,19 @@ def split_adapter_spec(spec: str) -> tuple[str, float]:
     if m and not Path(spec).exists():
         return m.group(1), float(m.group(2))
     return spec, 1.0
+
+
+def drop_behind_if_large(reader: Reader, ckpt: Checkpoint, notes: list[str] | None = None) -> None:
+    """A base larger than half the RAM cannot stay cached until a next run anyway: drop each tensor's
+    pages from the page cache once it is merged, so the merge does not push out what other programs
+    keep cached (the output bypasses the cache already, with O_DIRECT)."""
+    import psutil
+
+    ram = psutil.virtual_memory().total
+    if ckpt.total_bytes > ram // 2:
+        reader.drop_behind = True
+        if notes is not None:
+            notes.append(
+                f"the base ({ckpt.total_bytes / 1e9:.1f} GB) is larger than half the RAM ({ram / 1e9:.1f} GB): "
+                "its pages leave the page cache as they are merged"
+            )

@@ -127,3 +127,19 @@ def test_interrupt_exits_130_and_resumes(llama_pair, tmp_path, monkeypatch, caps
     for f in sorted(fresh.glob("model*")):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "o"]
+
+
+def test_version_inspect_and_dry_run_do_not_import_torch(tmp_path):
+    """Start-up: ``--version``, ``--help``, ``inspect`` and ``--dry-run`` read headers and plan without
+    torch (importing it takes seconds); a merge imports it on a background thread while planning."""
+    import subprocess
+    import sys
+
+    from streammerge.synthetic import write_synthetic_llama
+
+    base, ad = write_synthetic_llama(tmp_path, hidden=64, inter=128, layers=2, vocab=128, kv_heads=2, heads=4, shards=2)
+    for args in (["--version"], ["--help"], ["inspect", str(base)], ["inspect", str(ad), "--base", str(base)],
+                 ["merge", str(base), str(ad), str(tmp_path / "out"), "--dry-run"]):  # fmt: skip
+        code = f"import sys; from streammerge.cli import main; main({args!r}); print('torch' in sys.modules)"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.stdout.strip().splitlines()[-1] == "False", (args, proc.stdout[-500:], proc.stderr[-2000:])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 
+import psutil
 import pytest
 import torch
 from helpers import read_dir
@@ -122,9 +123,7 @@ def test_accelerator_oom_halves_blocks_then_falls_back_to_cpu(wide_pair, tmp_pat
         return real(self, job, rows_of, prepared, r0, r1, rows, out_dtype)
 
     monkeypatch.setattr(execute_mod.Executor, "_merge_block", fake)
-    monkeypatch.setattr(
-        importlib.import_module("streammerge.merge"), "resolve_device", lambda name: torch.device("meta")
-    )
+    monkeypatch.setattr(importlib.import_module("streammerge.api"), "resolve_device", lambda name: torch.device("meta"))
     rep = streammerge.merge(base, ad2, tmp_path / "oom", device="cuda", max_memory="1GiB")
     assert calls["oom"] >= 2
     assert any("retrying in" in n for n in rep.notes) and any("merged on the CPU" in n for n in rep.notes)
@@ -209,9 +208,7 @@ def test_a_base_larger_than_half_the_ram_leaves_the_page_cache_as_it_is_merged(t
         return real(fd, off, n, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", record)
-    monkeypatch.setattr(
-        pipeline_mod.psutil, "virtual_memory", lambda: SimpleNamespace(total=2 * 2**20, available=2**20)
-    )
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=2 * 2**20, available=2**20))
     rep = streammerge.merge(base, ad, tmp_path / "out", progress=False)
     assert any("larger than half the RAM" in n for n in rep.notes) and not any("larger" in n for n in ref.notes)
     assert {p for p, _, a in dropped if a == os.POSIX_FADV_DONTNEED} == {str((base / "model.safetensors").resolve())}

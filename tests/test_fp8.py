@@ -40,24 +40,31 @@ def _llama(inter: int):
     return model.to(torch.bfloat16)
 
 
+def transformers_fp8(src, dst) -> None:
+    """Quantize the checkpoint ``src`` with transformers' FineGrainedFP8 quantizer (blocks of 128) and save
+    it to ``dst``. The quantizer runs on the CPU; only its environment check asks for a GPU."""
+    import transformers as tf
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    check = FineGrainedFP8HfQuantizer.validate_environment
+    FineGrainedFP8HfQuantizer.validate_environment = lambda self, *a, **k: None
+    try:
+        qc = tf.FineGrainedFP8Config(weight_block_size=[128, 128])
+        q = tf.AutoModelForCausalLM.from_pretrained(src, quantization_config=qc, dtype=torch.bfloat16)
+        q.save_pretrained(dst)
+    finally:
+        FineGrainedFP8HfQuantizer.validate_environment = check
+
+
 @pytest.fixture(scope="module")
 def fp8_pair(tmp_path_factory):
     """A bf16 Llama quantized by transformers' FP8 quantizer (blocks of 128) and saved; a PEFT adapter
     trained on its dequantized load."""
-    import transformers as tf
     from peft import LoraConfig, get_peft_model
-    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
     root = tmp_path_factory.mktemp("fp8")
     _llama(512).save_pretrained(root / "b16")
-    check = FineGrainedFP8HfQuantizer.validate_environment
-    FineGrainedFP8HfQuantizer.validate_environment = lambda self, *a, **k: None  # its only GPU requirement
-    try:
-        qc = tf.FineGrainedFP8Config(weight_block_size=[128, 128])
-        q = tf.AutoModelForCausalLM.from_pretrained(root / "b16", quantization_config=qc, dtype=torch.bfloat16)
-        q.save_pretrained(root / "fp8")
-    finally:
-        FineGrainedFP8HfQuantizer.validate_environment = check
+    transformers_fp8(root / "b16", root / "fp8")
     torch.manual_seed(1)
     lora = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=ALL[:5])
     pm = get_peft_model(_dequantized(root / "fp8"), lora)
@@ -201,7 +208,6 @@ def test_merged_fp8_keeps_the_base_fp8(fp8_pair, tmp_path):
     """Untouched FP8 weights and scales are copied byte for byte; merged weights equal transformers' own
     FP8 quantizer run over the merged_16bit output; transformers loads the result as an FP8 checkpoint."""
     import transformers as tf
-    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
     base, ad = fp8_pair / "fp8", fp8_pair / "ad"
     streammerge.merge(base, ad, tmp_path / "m16")
@@ -213,14 +219,7 @@ def test_merged_fp8_keeps_the_base_fp8(fp8_pair, tmp_path):
         assert v.dtype == stored[k].dtype, k
         if k.removesuffix("_scale_inv") not in touched:
             assert torch.equal(v.view(torch.uint8), stored[k].view(torch.uint8)), k
-    check = FineGrainedFP8HfQuantizer.validate_environment
-    FineGrainedFP8HfQuantizer.validate_environment = lambda self, *a, **k: None
-    try:
-        qc = tf.FineGrainedFP8Config(weight_block_size=[128, 128])
-        tq = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "m16", quantization_config=qc, dtype=torch.bfloat16)
-        tq.save_pretrained(tmp_path / "tq")
-    finally:
-        FineGrainedFP8HfQuantizer.validate_environment = check
+    transformers_fp8(tmp_path / "m16", tmp_path / "tq")
     theirs = read_dir(tmp_path / "tq")
     for k in touched:
         for name in (k, k + "_scale_inv"):

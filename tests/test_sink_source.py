@@ -40,9 +40,11 @@ def _tensors():
 
 
 def _st(dt: torch.dtype) -> str:
-    from streammerge.source import TORCH_TO_ST
+    from streammerge.source import st_dtype, torch_dtype
 
-    return TORCH_TO_ST[dt]
+    name = st_dtype(dt)
+    assert torch_dtype(name) is dt  # the two maps agree
+    return name
 
 
 def test_writer_round_trip_with_safe_open(tmp_path):

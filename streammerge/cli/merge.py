@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+import threading
 
 from .common import (
     DEVICE_CHOICES,
@@ -161,8 +163,10 @@ def print_summary(report, out) -> None:
 
 
 def run(args, log) -> int:
-    from ..merge import merge
+    from ..api import merge
 
+    if not args.dry_run and args.save_method != "lora":  # import torch while the inputs are read and planned
+        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     progress = not args.no_progress and not args.quiet and sys.stderr.isatty()
     base, adapter, out = (args.base, args.adapter, args.out) if args.out else (None, args.base, args.adapter)
     report = merge(

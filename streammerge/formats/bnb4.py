@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import QuantError
-from ..source import DTYPES, FLOAT_NAMES, Checkpoint, TensorRef, numel
+from ..source import FLOAT_NAMES, Checkpoint, TensorRef, numel, torch_dtype
 
 LABEL = "bitsandbytes 4-bit"
 SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
@@ -50,6 +52,8 @@ class Quant4Source:
 
     def rows(self, reader, ws, device) -> Callable[[int, int], torch.Tensor]:
         """Rows ``[r0, r1)`` dequantized in the quant_state dtype (as bitsandbytes returns them)."""
+        import torch
+
         cols = numel(self.shape[1:])
         packed = reader.tensor(self.packed).reshape(-1).view(torch.uint8)
         code = reader.tensor(self.quant_map).to(device, torch.float32)
@@ -59,7 +63,7 @@ class Quant4Source:
             nested_code = reader.tensor(self.nested_quant_map).to(device)
             absmax = dequantize_absmax(absmax, nested, nested_code, self.nested_offset, self.nested_blocksize)
         absmax = absmax.float()
-        qdtype = DTYPES[self.dtype][1]
+        qdtype = torch_dtype(self.dtype)
 
         def rows(r0: int, r1: int) -> torch.Tensor:
             n = (r1 - r0) * cols
@@ -183,6 +187,8 @@ def dequantize_absmax(
     nested_blocksize: int,
 ) -> torch.Tensor:
     """Double quantization: ``nested_code[absmax] * nested_absmax[j // nested_blocksize] + offset`` (fp32)."""
+    import torch
+
     n = absmax_u8.numel()
     idx = torch.arange(n, device=absmax_u8.device) // nested_blocksize
     out = nested_code.float()[absmax_u8.reshape(-1).long()] * nested_absmax.float()[idx]
@@ -206,6 +212,8 @@ def dequantize_4bit_range(
     lookup, and the block scale is applied by broadcasting over ``[blocks, blocksize]``. Only the bytes
     of the range move to ``device``. ``out`` (fp32, at least ``e1 - e0 + 2`` elements) and ``index``
     (int32, half that) are reusable work buffers on ``device``; without them fresh ones are allocated."""
+    import torch
+
     dev = device or absmax.device
     b0, b1 = e0 // 2, (e1 + 1) // 2
     c = code.to(dev, torch.float32)

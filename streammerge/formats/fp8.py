@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import QuantError
-from ..source import DTYPES, Checkpoint, TensorRef, config_dtype
+from ..source import Checkpoint, TensorRef, config_dtype
 
 LABEL = "FP8 block-scaled"
 SCALE = "_scale_inv"  # <m>.weight -> <m>.weight_scale_inv
@@ -42,6 +44,8 @@ class Fp8Source:
 
     def rows(self, reader, ws, device) -> Callable[[int, int], torch.Tensor]:
         """Rows ``[r0, r1)`` dequantized to fp32: ``fp32(w) * scale_inv`` per block, edge blocks cropped."""
+        import torch
+
         w = reader.tensor(self.weight)
         s = reader.tensor(self.scale)
         b0, b1 = self.block
@@ -136,6 +140,14 @@ def _block_of(ckpt: Checkpoint, w: TensorRef, s: TensorRef, block: tuple[int, in
 
 
 def _check_scales(ckpt: Checkpoint, s: TensorRef, read_bytes: Callable[[TensorRef], bytes]) -> None:
-    vals = torch.frombuffer(bytearray(read_bytes(s)), dtype=DTYPES[s.dtype][1]).float()
-    if not bool(torch.isfinite(vals).all()) or bool((vals < 0).any()):
+    """No NaN, Inf or negative scale (read with numpy: planning does not need torch)."""
+    import numpy as np
+
+    raw = read_bytes(s)
+    if s.dtype == "F8_E8M0":  # a biased power-of-two exponent; 0xFF is NaN
+        bad = b"\xff" in raw
+    else:
+        vals = np.frombuffer(raw, dtype=np.float32)
+        bad = not bool(np.isfinite(vals).all()) or bool((vals < 0).any())
+    if bad:
         raise QuantError(f"{ckpt.path}: {s.name!r} holds NaN, Inf or negative scales", hint="the checkpoint is corrupt")

@@ -8,8 +8,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import QuantError
 from ..formats.bnb4 import Quant4Source
@@ -50,6 +52,8 @@ class Bnb4Encoding:
         """The tensors of :meth:`outputs` for the merged values ``out`` (rounded to the output dtype)."""
         # the quantizer works in fp32: handing it the rounded values in a reused fp32 buffer spares it
         # a fresh fp32 copy per tensor (page faults: 15-16 s instead of 10.8 s per 1.7 GB; same bits)
+        import torch
+
         vals = out if out.dtype == torch.float32 else ws.take("q", out.shape, torch.float32, out.device)
         vals.copy_(out)
         packed, parts = quantize_4bit(vals, self.blocksize, self.quant_type, self.double_quant, dtype=out.dtype)
@@ -121,7 +125,7 @@ def quantize_4bit(
     blocksize: int,
     quant_type: str,
     double_quant: bool,
-    storage: torch.dtype = torch.uint8,
+    storage: torch.dtype | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Quantize as bitsandbytes' ``quantize_4bit`` does; returns the packed weight and the companion
@@ -129,6 +133,8 @@ def quantize_4bit(
     JSON space-padded. ``dtype``: the weight's dtype recorded in the state when ``w`` holds its values
     in another one. On the CPU the codes come from :func:`quantize_4bit_codes`; elsewhere from
     bitsandbytes' own kernel."""
+    import torch
+
     try:
         import bitsandbytes.functional as bnbf
     except ImportError as e:
@@ -136,7 +142,11 @@ def quantize_4bit(
     w = w.contiguous()
     if w.device.type != "cpu" or not _bnb_cpu_kernel_is_bucketize():
         packed, state = bnbf.quantize_4bit(
-            w, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type, quant_storage=storage
+            w,
+            blocksize=blocksize,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+            quant_storage=storage or torch.uint8,
         )
     else:  # bitsandbytes.functional.quantize_4bit, with the codes from the faster equivalent kernel
         code = bnbf.get_4bit_type(quant_type, device=w.device)
@@ -172,7 +182,7 @@ def _bnb_cpu_kernel_is_bucketize() -> bool:
 
 
 def quantize_4bit_codes(
-    a: torch.Tensor, code: torch.Tensor, blocksize: int, reorder: bool, storage: torch.dtype = torch.uint8
+    a: torch.Tensor, code: torch.Tensor, blocksize: int, reorder: bool, storage: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' CPU 4-bit quantization kernel, operation for operation: blockwise absmax, scale
     by its reciprocal (the last partial block: divide), clamp to [-1, 1], code index by the midpoints
@@ -180,6 +190,8 @@ def quantize_4bit_codes(
     (``torch.bucketize``, two thirds of its time) is replaced by counting the midpoints below each
     value, which is the same index (``bucketize`` with ``right=False``) in half the time. Returns the
     packed ``[n/2, 1]`` bytes (viewed as ``storage``) and the fp32 absmax per block."""
+    import torch
+
     order = torch.argsort(code)
     bounds = ((code[order[:-1]] + code[order[1:]]) / 2).tolist()
     flat = a.reshape(-1).float()
@@ -205,6 +217,6 @@ def quantize_4bit_codes(
     if reorder:  # fp4's codes are not sorted: map the sorted position back to the code index
         q = order.to(torch.uint8)[q.long()]
     packed = ((q[::2] << 4) | q[1::2]).unsqueeze(1)
-    if storage != torch.uint8:
+    if storage not in (None, torch.uint8):
         packed = packed.squeeze().view(storage).unsqueeze(1)
     return packed, absmax

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import QuantError
 from ..formats.fp8 import SCALE, Fp8Source
@@ -47,6 +49,8 @@ class Fp8Encoding:
 
     def encode(self, name: str, out: torch.Tensor, ws, r0: int, rows: int) -> Iterator[tuple[str, torch.Tensor]]:
         """The e4m3 rows of the merged block ``out`` (rows ``r0..``), and after the last block the scales."""
+        import torch
+
         b0, b1 = self.block
         n, cols = out.shape
         nb, ncb = -(-n // b0), -(-cols // b1)

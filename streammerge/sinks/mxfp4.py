@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import QuantError
 from ..formats.mxfp4 import BLOCKS, SCALES, Mxfp4Source
@@ -21,6 +23,8 @@ MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., n] float (n % 32 == 0) -> (codes U8 [..., n/32, 16], e8m0 scales U8 [..., n/32])."""
+    import torch
+
     g = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
     amax = g.abs().amax(dim=-1, keepdim=True)
     bits = ((amax / 6.0).view(torch.int32) + 0x007FFFFF) & 0x7F800000  # round up to a power of two
@@ -51,6 +55,8 @@ class Mxfp4Encoding:
         return [src.blocks, src.scales] if isinstance(src, Mxfp4Source) else None
 
     def encode(self, name: str, out: torch.Tensor, ws, r0: int, rows: int) -> Iterator[tuple[str, torch.Tensor]]:
+        import torch
+
         n, n_in, n_out = out.shape
         packed, scales = encode(out.transpose(1, 2))
         acc = ws.take("mxs", (rows, n_out, n_in // 32), torch.uint8, out.device)

@@ -17,9 +17,7 @@ from pathlib import Path
 from . import distributed, hub
 from .adapter import Adapter
 from .errors import InputError, OutputError
-from .execute import Executor
 from .options import DEFAULT_MAX_MEMORY, MergeOptions, make_options, resolve_device
-from .pipeline import drop_behind_if_large, progress_bar, run_shards
 from .plan import MergePlan, plan_merge
 from .report import REPORT_NAME, MergeReport, anon_bytes, new_report
 from .sinks.lora import write_lora
@@ -36,7 +34,7 @@ from .sinks.outdir import (
     work_dir_for,
     write_json,
 )
-from .source import Checkpoint, Reader, split_adapter_spec
+from .source import Checkpoint, Reader, drop_behind_if_large, split_adapter_spec
 from .version import __version__
 
 log = logging.getLogger("streammerge")
@@ -145,6 +143,9 @@ def _keep_or_discard(work: Path, e: BaseException) -> None:
 
 
 def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume: bool, t0: float, dist) -> None:
+    from .execute import Executor  # torch: not needed to plan
+    from .pipeline import progress_bar, run_shards
+
     work, journal, done = open_run(out, fingerprint(ckpt, ads, plan, report.options), resume)
     todo = [s for s in plan.shards if s.filename not in done]
     report.resumed_shards = len(plan.shards) - len(todo)
@@ -229,7 +230,6 @@ def merge(
         dtype, shard_size, device, save_method, allow_nonfinite, max_memory, quant_type, blocksize, double_quant,
         compress, checksum, direct_io,
     )  # fmt: skip
-    dev = resolve_device(device)
     out = Path(out)
     sources, rbase, notes = _resolve_inputs(base, specs)
     base = rbase.path
@@ -239,6 +239,9 @@ def merge(
         check_output(out, [base] + [Path(a.path) for a in ads], overwrite)
         aux = aux_files(base, ads, ckpt)
         by_path = {str(r.path): r for r, _ in sources}
+        # a plan, a dry run and the lora method need no torch: the device is resolved (importing it) only
+        # for a merge, so that the command line's background import of torch overlaps the planning
+        dev = device if dry_run or save_method == "lora" else resolve_device(device)
         report = new_report(rbase.spec, ads, out, opts, plan, dev, dry_run, by_path)
         report.base_source = rbase.describe()
         report.notes[:0] = notes + _sibling_note(rbase, ckpt, specs)
