@@ -38,6 +38,7 @@ PRESETS = {
     "small": (1024, 2816, 16, 16, 4, 32000, 2),
     "default": (2048, 5632, 16, 16, 4, 32000, 4),
     "large": (4096, 11008, 18, 32, 8, 32000, 8),
+    "5.4gb": (4096, 11008, 14, 32, 8, 32000, 6),  # issue 16's model: hidden 4096, intermediate 11008, 14 layers
     "70b-slice": (8192, 28672, 2, 64, 8, 128256, 4),
     # the same slice stored FP8 e4m3 in blocks of 128 (as DeepSeek / Qwen FP8 checkpoints), merged to bf16
     "70b-fp8-slice": (8192, 28672, 2, 64, 8, 128256, 4),

@@ -226,6 +226,8 @@ def merge(
     specs = adapter_specs(adapter, adapters)
     if save_method == "lora" and (len(specs) != 1 or specs[0][1] != 1.0):
         raise InputError("--save-method lora takes exactly one adapter, without a weight")
+    if push_to_hub and dry_run:
+        raise InputError("--push-to-hub with --dry-run: a dry run writes nothing to upload")
     opts = make_options(
         dtype, shard_size, device, save_method, allow_nonfinite, max_memory, quant_type, blocksize, double_quant,
         compress, checksum, direct_io,
@@ -253,6 +255,8 @@ def merge(
             with OutputLock(out):
                 write_lora(ads[0], out, reader, report, opts.direct_io)
             report.seconds["total"] = round(time.perf_counter() - t0, 3)
+            if push_to_hub:
+                report.pushed_to = hub.push(out, push_to_hub, private, revision, report)
             return report
         _check_space(out, plan, aux, report.free_disk_bytes)
         with OutputLock(out):

@@ -112,7 +112,11 @@ class Executor:
     def _over_budget(self, job: TensorJob, need: int) -> None:
         """One warning per cause (updated in place as more tensors share it), not one per tensor."""
         why = (
-            "merged_4bit re-quantization" if job.encoding else "DoRA norms" if job.updates else "an unsplittable tensor"
+            f"{self.opts.save_method} re-quantization"
+            if job.encoding
+            else "DoRA norms"
+            if job.updates
+            else "an unsplittable tensor"
         )
         idx, count, most, first = self._budget_warnings.get(why, (len(self.report.warnings), 0, 0, job.name))
         count, most = count + 1, max(most, need)
@@ -193,14 +197,15 @@ class Executor:
             try:
                 t = time.perf_counter()
                 out = self._merge_block(job, rows_of, prepared, r0, r1, rows, out_dtype)
+                encoded = list(job.encoding.encode(job.name, out, self.ws, r0, rows)) if job.encoding else None
                 self.stage["merge"] += time.perf_counter() - t
             except torch.OutOfMemoryError:
                 step, dev = self._after_oom(job, dev, step, r1 - r0)
                 rows_of, prepared = self._prepare(job, dev)
                 continue
             self.peak_anon = max(self.peak_anon, anon_bytes())
-            if job.encoding is not None:
-                for name, t in job.encoding.encode(job.name, out, self.ws, r0, rows):
+            if encoded is not None:
+                for name, t in encoded:
                     yield name, tensor_bytes(t)
             else:
                 yield job.name, tensor_bytes(out)

@@ -22,8 +22,10 @@ from .source import TensorRef
 
 #: the per-expert checkpoint tensors a fused parameter is made of, in row order (transformers-4 names)
 SPLITS = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
-#: architectures whose fused experts are stored [E, in, out] (PEFT's ``is_transposed``)
+#: architectures whose fused experts are stored [E, in, out] (PEFT's ``is_transposed``), and those known
+#: to store them [E, out, in]; for square experts of any other architecture the layout cannot be told
 TRANSPOSED = {"gpt_oss"}
+OUT_IN = {"qwen2_moe", "qwen3_moe", "mixtral"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,12 @@ def locate(owner: str, param: str, shapes: dict[str, tuple[int, ...]], model_typ
         places = [Place(param, e, d1, d2, fused, False), Place(param, e, d2, d1, fused, True)]
         if model_type in TRANSPOSED:
             return places[1:]
+        if d1 == d2 and model_type not in OUT_IN:
+            raise AdapterError(
+                f"{fused!r} {[e, d1, d2]}: square experts of a {model_type or 'unknown'} model may be stored "
+                "[E, out, in] or [E, in, out], and nothing here tells which",
+                hint="report the architecture to streammerge; its expert layout must be added to experts.py",
+            )
         return places if d1 != d2 else places[:1]
     for subs in SPLITS.get(param, ()):
         pieces, e, in_f, out_f = [], 0, None, 0

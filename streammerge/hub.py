@@ -42,7 +42,9 @@ class Resolved:
 
 def parse(spec: str) -> tuple[str, str | None] | None:
     """``ORG/NAME[@REVISION]`` -> (repo id, revision), or None for what can only be a path."""
-    if Path(spec).exists() or spec.startswith((".", "/", "~")):
+    if Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
+        return None
+    if Path(spec.split("/", 1)[0]).is_dir():  # a local directory with a missing child: a path, mistyped
         return None
     m = REPO_ID.match(spec)
     return (m["repo"], m["rev"]) if m else None
@@ -54,7 +56,7 @@ def resolve(spec: str | Path, kind: str = "base") -> Resolved:
     spec = str(spec)
     parsed = parse(spec)
     if parsed is None:
-        return Resolved(spec, Path(spec))
+        return Resolved(spec, Path(spec).expanduser())
     repo_id, revision = parsed
     patterns = {"base": BASE_PATTERNS, "adapter": ADAPTER_PATTERNS}.get(kind, [*BASE_PATTERNS, *ADAPTER_PATTERNS])
     path = _snapshot(repo_id, revision, patterns, spec)

@@ -236,3 +236,32 @@ def test_merged_fp8_keeps_the_base_fp8(fp8_pair, tmp_path):
 def test_merged_fp8_needs_an_fp8_base(fp8_pair, tmp_path):
     with pytest.raises(QuantError, match="holds no FP8 weight"):
         streammerge.merge(fp8_pair / "b16", fp8_pair / "ad", tmp_path / "out", save_method="merged_fp8")
+
+
+@pytest.mark.parametrize("scale_shape", [(), (1,), (1, 1)])
+def test_per_tensor_scales(fp8_pair, tmp_path, scale_shape):
+    """One scale for a whole weight (no weight_block_size), stored as [], [1] or [1, 1]: decoded as a
+    single block; merged_fp8 keeps the stored shape. (Hand-written FP8 file: transformers' quantizer
+    writes block scales only.)"""
+    import transformers as tf
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    dense = load_file(fp8_pair / "b16" / "model.safetensors")
+    q, s = _quantize_blocks(dense[name], *dense[name].shape)
+    cfg = json.loads((fp8_pair / "b16" / "config.json").read_text())
+    for d, tensors, qc in (
+        ("fp8", {**dense, name: q, name + "_scale_inv": s.reshape(scale_shape)}, {"quant_method": "fp8"}),
+        ("ref", {**dense, name: (q.float() * s.reshape(())).to(torch.bfloat16)}, None),
+    ):
+        (tmp_path / d).mkdir()
+        save_file(tensors, tmp_path / d / "model.safetensors", {"format": "pt"})
+        (tmp_path / d / "config.json").write_text(json.dumps(dict(cfg, quantization_config=qc) if qc else cfg))
+    torch.manual_seed(4)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ref"), lora).save_pretrained(tmp_path / "ad")
+    streammerge.merge(tmp_path / "fp8", tmp_path / "ad", tmp_path / "out")
+    ref = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ref"), str(tmp_path / "ad"))
+    assert_matches_state_dict(tmp_path / "out", ref.merge_and_unload().state_dict())
+    streammerge.merge(tmp_path / "fp8", tmp_path / "ad", tmp_path / "m8", save_method="merged_fp8")
+    assert read_dir(tmp_path / "m8")[name + "_scale_inv"].shape == scale_shape

@@ -188,3 +188,34 @@ def test_verify_inspect_and_batch_take_repo_ids(cache, tmp_path, capsys):
     results = batch("acme/tiny-llama", jobs_from_args(tmp_path / "batch", ["acme/tiny-lora"], {}))
     assert [r.status for r in results] == ["ok"]
     assert model_files(Path(results[0].out)) == model_files(out)
+
+
+def test_push_with_lora_after_verify_and_never_on_a_dry_run(cache, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    import streammerge.verify as verify_mod
+
+    FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    args = ["merge", "acme/tiny-llama", "acme/tiny-lora"]
+    assert main([*args, str(tmp_path / "a"), "--save-method", "lora", "--push-to-hub", "me/ad", "-q"]) == 0
+    assert [c[0] for c in FakeApi.calls] == ["create_repo", "upload"]
+    assert main([*args, str(tmp_path / "b"), "--dry-run", "--push-to-hub", "me/x", "-q"]) == 1
+    FakeApi.calls = []
+    real = verify_mod.verify
+
+    def failing(*a, **k):
+        vr = real(*a, **k)
+        vr.problems.append("simulated")
+        return vr
+
+    monkeypatch.setattr(verify_mod, "verify", failing)
+    assert main([*args, str(tmp_path / "c"), "--verify", "--push-to-hub", "me/x", "-q"]) == 1
+    assert FakeApi.calls == []  # a model that fails verification is never uploaded
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_repo_id(cache, tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="base checkpoint directory not found"):
+        streammerge.merge("models/llama-typo", cache["ad"], tmp_path / "out")

@@ -194,3 +194,14 @@ def test_expert_lora_missing_for_one_layer_is_an_error(tmp_path):
     with pytest.raises(AdapterError, match="target_parameters") as e:
         streammerge.merge(base, ad, tmp_path / "out")
     assert "model.layers.1.mlp.experts.gate_up_proj: no LoRA tensors in the file" in str(e.value)
+
+
+def test_square_experts_of_an_unknown_architecture_are_refused():
+    """[E, out, in] or [E, in, out]? For square experts only the architecture can tell: never guessed."""
+    from streammerge.experts import locate
+
+    shapes = {"m.experts.gate_up_proj": (4, 64, 64)}
+    assert len(locate("m.experts", "gate_up_proj", shapes, "qwen3_moe")) == 1
+    assert locate("m.experts", "gate_up_proj", shapes, "gpt_oss")[0].transposed
+    with pytest.raises(AdapterError, match="nothing here tells which"):
+        locate("m.experts", "gate_up_proj", shapes, "new_moe")

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 import threading
+from pathlib import Path
 
 from .common import (
     DEVICE_CHOICES,
@@ -193,7 +194,7 @@ def run(args, log) -> int:
         quant_type=args.quant_type,
         blocksize=args.blocksize,
         double_quant=args.double_quant,
-        push_to_hub=args.push_to_hub,
+        push_to_hub=None if args.verify else args.push_to_hub,  # with --verify: upload once verified
         private=args.private,
         revision=args.revision,
     )
@@ -208,6 +209,10 @@ def run(args, log) -> int:
         if not vr.ok:
             raise VerifyError(f"{out}: verification failed", details=vr.problems)
         log.info("verified: %d shard checksums, %d tensors recomputed bit for bit", vr.checksums_checked, vr.recomputed)
+    if args.verify and args.push_to_hub and not args.dry_run:
+        from ..hub import push
+
+        report.pushed_to = push(Path(out), args.push_to_hub, args.private, args.revision, report)
     if args.json:
         print_json(report.to_dict())
     elif args.dry_run:

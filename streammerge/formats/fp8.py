@@ -47,8 +47,8 @@ class Fp8Source:
         import torch
 
         w = reader.tensor(self.weight)
-        s = reader.tensor(self.scale)
         b0, b1 = self.block
+        s = reader.tensor(self.scale).reshape(-(-self.shape[0] // b0), -(-self.shape[1] // b1))  # [] / [1]: [1, 1]
         cols = self.shape[1]
         full = cols // b1
 

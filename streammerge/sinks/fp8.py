@@ -27,6 +27,7 @@ class Fp8Encoding:
 
     block: tuple[int, int]
     scale_dtype: str = "F32"
+    scale_shape: tuple[int, ...] | None = None  # as the base stores it (a per-tensor scale: [] or [1])
 
     whole_tensor = False
     work_bytes = 4 + 4 + 1  # the fp32 copy (padded to whole blocks), the scaled values, the e4m3 bytes
@@ -39,11 +40,13 @@ class Fp8Encoding:
         return -(-shape[0] // self.block[0]), -(-shape[1] // self.block[1])
 
     def outputs(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...]]]:
-        return [(name, "F8_E4M3", shape), (name + SCALE, self.scale_dtype, self.grid(shape))]
+        scale_shape = self.scale_shape if self.scale_shape is not None else self.grid(shape)
+        return [(name, "F8_E4M3", shape), (name + SCALE, self.scale_dtype, scale_shape)]
 
     def copy_parts(self, src) -> list | None:
         """An FP8 weight the adapter did not touch, in this very layout: its stored bytes, unchanged."""
-        if isinstance(src, Fp8Source) and src.block == self.block and src.scale.dtype == self.scale_dtype:
+        same = src.block == self.block and src.scale.dtype == self.scale_dtype and src.scale.shape == self.scale_shape
+        if isinstance(src, Fp8Source) and same:
             return [src.weight, src.scale]
         return None
 
@@ -67,19 +70,28 @@ class Fp8Encoding:
             inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
             scales = 1.0 / inv
         q = torch.clamp(blocks * scales[:, None, :, None], -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        grid = ws.take("f8inv", self.grid((rows, cols)), torch.float32, out.device)
-        grid[r0 // b0 : r0 // b0 + nb] = inv
+        # the scales of all row blocks gather on the CPU (a block retried on the CPU after a device ran out
+        # of memory finds the earlier blocks' scales there)
+        grid = ws.take("f8inv", self.grid((rows, cols)), torch.float32, torch.device("cpu"))
+        grid[r0 // b0 : r0 // b0 + nb] = inv.cpu()
         yield name, q.view(nb * b0, ncb * b1)[:n, :cols].contiguous()
         if r0 + n == rows:
             dtype = torch.float8_e8m0fnu if self.scale_dtype == "F8_E8M0" else torch.float32
-            yield name + SCALE, grid.to(dtype, copy=True)  # a copy: the writer thread still holds it
+            shape = self.scale_shape if self.scale_shape is not None else grid.shape
+            yield name + SCALE, grid.to(dtype, copy=True).reshape(shape)  # a copy: the writer still holds it
 
 
 def encoding_for(name: str, src, shape: tuple[int, ...], embed_key: str | None, opts) -> Fp8Encoding | None:
     """The base's FP8 weights stay FP8 in their own block layout; 16-bit tensors stay 16-bit."""
     if not isinstance(src, Fp8Source):
         return None
-    return Fp8Encoding(src.block, src.scale.dtype)
+    if src.activation is not None:
+        raise QuantError(
+            f"{src.name!r} has a static activation scale ({src.activation.name!r}): merged_fp8 does not carry "
+            "those over",
+            hint="use --save-method merged_16bit",
+        )
+    return Fp8Encoding(src.block, src.scale.dtype, src.scale.shape)
 
 
 def edit_config(config: dict, base_config: dict, jobs: list, embed_key, where: str, notes: list[str]) -> None:

@@ -59,8 +59,8 @@ class Mxfp4Encoding:
 
         n, n_in, n_out = out.shape
         packed, scales = encode(out.transpose(1, 2))
-        acc = ws.take("mxs", (rows, n_out, n_in // 32), torch.uint8, out.device)
-        acc[r0 : r0 + n] = scales
+        acc = ws.take("mxs", (rows, n_out, n_in // 32), torch.uint8, torch.device("cpu"))  # survives a device change
+        acc[r0 : r0 + n] = scales.cpu()
         yield name + BLOCKS, packed
         if r0 + n == rows:
             yield name + SCALES, acc.clone()  # a copy: the writer thread still holds it
