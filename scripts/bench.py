@@ -137,7 +137,7 @@ def startup_seconds(repeat: int = 3) -> float:
     runs = []
     for _ in range(repeat):
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import os, streammerge.api; os._exit(0)"], check=True)
+        subprocess.run([sys.executable, "-c", "import os, torch, streammerge.api; os._exit(0)"], check=True)
         runs.append(time.perf_counter() - t)
     return statistics.median(runs)
 
