@@ -28,6 +28,7 @@ COPY_CHUNK = 64 * 1024 * 1024
 WRITE_QUEUE = 1  # blocks queued for the writer thread; work buffers rotate through WRITE_QUEUE + 2 slots
 ROW_ALIGN = 64
 COL_ALIGN = 256
+TILE_BYTES = 1 << 20  # fp32 rows merged at a time within a block: about the size of a core's L2 cache
 
 
 class Workspace:
@@ -241,6 +242,12 @@ class Executor:
         if blk.dtype != out_dtype and out_dtype != torch.float32:
             blk = blk.to(out_dtype)  # the base as loaded in the output dtype, as PEFT would see it
         slot = self.ws.next_slot()
+        if self._tileable(shape, prepared, out_dtype):
+            self.stage["read" if formats.is_dense(job.source) else "dequant"] += time.perf_counter() - t
+            out, finite = self._merge_tiles(blk, prepared, r0, out_dtype, slot)
+            if not finite:
+                raise self._nonfinite(job, r0, r1)
+            return out
         w = self.ws.take(f"w{slot}", shape, torch.float32, blk.device)
         w.copy_(blk)
         self.stage["read" if formats.is_dense(job.source) else "dequant"] += time.perf_counter() - t
@@ -252,12 +259,47 @@ class Executor:
             out = self.ws.take(f"o{slot}", shape, out_dtype, w.device)
             out.copy_(w)
         if not self.opts.allow_nonfinite and not finite_in(w, out_dtype):
-            raise NonFiniteError(
-                f"merging into {job.name!r} produced NaN or Inf (rows {r0}..{r1})",
-                hint="the adapter's update overflows the output dtype; try --dtype fp32 or bf16, "
-                "or --allow-nonfinite to write it anyway",
-            )
+            raise self._nonfinite(job, r0, r1)
         return out
+
+    @staticmethod
+    def _nonfinite(job: TensorJob, r0: int, r1: int) -> NonFiniteError:
+        return NonFiniteError(
+            f"merging into {job.name!r} produced NaN or Inf (rows {r0}..{r1})",
+            hint="the adapter's update overflows the output dtype; try --dtype fp32 or bf16, "
+            "or --allow-nonfinite to write it anyway",
+        )
+
+    @staticmethod
+    def _tileable(shape: tuple[int, ...], prepared: list, out_dtype) -> bool:
+        """Plain LoRA on a 2-D weight rounded to 16 bits: the common case, merged in L2-sized tiles."""
+        plain = all(isinstance(u, LowRank) and not u.transposed and not u.round_delta for u, *_ in prepared)
+        return len(shape) == 2 and out_dtype != torch.float32 and bool(prepared) and plain
+
+    def _merge_tiles(self, blk: torch.Tensor, prepared: list, r0: int, out_dtype, slot: int):
+        """The block in tiles of about ``TILE_BYTES`` of fp32 rows: widen, add each update, round, so that a
+        tile's temporaries stay in the cache instead of streaming whole blocks through memory four times.
+        The same operations on the same rows as the whole-block path (tiles start on multiples of
+        ``ROW_ALIGN``): the same bits. Returns the rounded block and whether it is finite."""
+        n, cols = blk.shape
+        step = min(n, max(ROW_ALIGN, TILE_BYTES // (4 * cols) // ROW_ALIGN * ROW_ALIGN))
+        out = self.ws.take(f"o{slot}", blk.shape, out_dtype, blk.device)
+        w = self.ws.take("tile_w", (step, cols), torch.float32, blk.device)
+        d = self.ws.take("tile_d", (step, cols), torch.float32, blk.device)
+        check = not self.opts.allow_nonfinite
+        finite = True
+        for t0 in range(0, n, step):
+            t1 = min(n, t0 + step)
+            wt, dt = w[: t1 - t0], d[: t1 - t0]
+            wt.copy_(blk[t0:t1])
+            for u, a, b, _ in prepared:
+                lora.apply_lowrank(
+                    wt, lora.lowrank_delta(a, b[r0 + t0 : r0 + t1], u.scaling, False, out=dt), u.weight, None
+                )
+            out[t0:t1].copy_(wt)
+            if check and finite:
+                finite = finite_in(wt, out_dtype)
+        return out, finite
 
     def _apply(self, u, a, b, extra, w, shape, r0: int, r1: int, whole: bool, out_dtype) -> torch.Tensor:
         """One update on the fp32 block ``w`` (rows ``[r0, r1)``); returns the updated block."""
