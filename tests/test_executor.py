@@ -85,6 +85,26 @@ def test_blocks_and_budgets_are_bit_identical(wide_pair, tmp_path):
             assert torch.equal(got[k], v), (budget, k)
 
 
+@pytest.mark.parametrize("tile", [64 * 4 * 320, 1 << 30])
+def test_tiles_are_bit_identical_to_whole_blocks(wide_pair, tmp_path, monkeypatch, tile):
+    """The L2-sized tiles (64 rows of the [1000, 320] weight here) against one tile per block, and both
+    against the dense reference."""
+    base, ad, t, lora = wide_pair
+    ad2 = tmp_path / "ad2"
+    ad2.mkdir()
+    save_file({k: v for k, v in lora.items() if ".conv." not in k}, ad2 / "adapter_model.safetensors")
+    (ad2 / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
+    monkeypatch.setattr(execute_mod, "TILE_BYTES", tile)
+    calls = []
+    real = execute_mod.Executor._merge_tiles
+    monkeypatch.setattr(execute_mod.Executor, "_merge_tiles", lambda self, *a: calls.append(1) or real(self, *a))
+    streammerge.merge(base, ad2, tmp_path / "out", max_memory="1GiB")
+    assert calls  # the tiled path ran
+    got = read_dir(tmp_path / "out")
+    for k, v in _dense_reference(t, lora).items():
+        assert torch.equal(got[k], v), k
+
+
 def test_fan_in_fan_out_column_blocks(wide_pair, tmp_path):
     base, _ad, t, lora = wide_pair
     ad3 = tmp_path / "ad3"
