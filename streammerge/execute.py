@@ -240,7 +240,9 @@ class Executor:
         t = time.perf_counter()
         blk = rows_of(r0, r1).reshape(shape)
         if blk.dtype != out_dtype and out_dtype != torch.float32:
-            blk = blk.to(out_dtype)  # the base as loaded in the output dtype, as PEFT would see it
+            # the base as loaded in the output dtype, as PEFT would see it (into a reused buffer: no fresh
+            # pages per block)
+            blk = self.ws.take("rounded", shape, out_dtype, blk.device).copy_(blk.reshape(shape))
         slot = self.ws.next_slot()
         if self._tileable(shape, prepared, out_dtype):
             self.stage["read" if formats.is_dense(job.source) else "dequant"] += time.perf_counter() - t
