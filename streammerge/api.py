@@ -218,8 +218,9 @@ def merge(
     ``resume`` continues an interrupted run with the same inputs and options, keeping its complete
     shards. ``save_method``: ``merged_16bit`` (dense merged checkpoint), ``merged_4bit`` (merged, then
     re-quantized with bitsandbytes: ``quant_type``/``blocksize``/``double_quant`` override the input's
-    settings or the defaults nf4/64/True), or ``lora`` (no merge: validate the adapter against the
-    base and write a normalized adapter directory). ``base`` and adapters may be Hub repo ids
+    settings or the defaults nf4/64/True), ``merged_fp8`` / ``mxfp4`` (an FP8 / MXFP4 base stays so:
+    merged weights re-quantized, the rest copied as stored), or ``lora`` (no merge: validate the adapter
+    against the base and write a normalized adapter directory). ``base`` and adapters may be Hub repo ids
     (``ORG/NAME[@REVISION]``, read from the local cache); ``base=None`` takes the adapter's
     ``base_model_name_or_path``. ``push_to_hub``: upload the finished output to that repo."""
     t0 = time.perf_counter()
