@@ -231,6 +231,10 @@ def test_merged_fp8_keeps_the_base_fp8(fp8_pair, tmp_path):
     assert 0 < (w8 - w16).abs().max() <= 0.07 * w16.abs().max()  # e4m3: 3 mantissa bits
     assert (logits(m8, IDS) - logits(m16, IDS)).abs().max() < 1.0
     assert any("merged_fp8" in n for n in report.notes)
+    from streammerge.verify import verify
+
+    vr = verify(tmp_path / "m8", base, [ad])  # recomputes every tensor, re-quantized ones included
+    assert vr.ok and vr.recomputed == len([k for k in stored if not k.endswith("_scale_inv")]), vr.problems
 
 
 def test_merged_fp8_needs_an_fp8_base(fp8_pair, tmp_path):

@@ -116,6 +116,10 @@ def test_save_method_mxfp4(mx, tmp_path):
         assert 0 < float(err.max()) < 0.25
     assert json.loads((tmp_path / "m4" / "config.json").read_text())["quantization_config"] == QC
     assert any("re-packed as MXFP4" in n for n in rep.notes)
+    from streammerge.verify import verify
+
+    vr = verify(tmp_path / "m4", mx / "mxfp4", [mx / "ad"])
+    assert vr.ok and vr.recomputed > 0, vr.problems
 
 
 def test_encoder_round_trips_representable_groups():
