@@ -219,3 +219,39 @@ def test_a_mistyped_local_path_is_not_taken_for_a_repo_id(cache, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match="base checkpoint directory not found"):
         streammerge.merge("models/llama-typo", cache["ad"], tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("error", "match"),
+    [
+        ("GatedRepoError", "gated or private and this machine is not authorized"),
+        ("RepositoryNotFoundError", "no such repo on the Hub"),
+        ("RevisionNotFoundError", "the repo has no revision 'v9'"),
+        ("OSError", "could not download it"),
+    ],
+)
+def test_online_errors_name_the_repo_with_a_hint(cache, tmp_path, monkeypatch, error, match):
+    """With the network allowed, what the Hub answers for a repo that is not cached (huggingface_hub's own
+    exceptions, raised here by a stand-in: no network in tests) becomes exit 1 naming the repo."""
+    import huggingface_hub
+    import huggingface_hub.constants as hc
+    from huggingface_hub import errors
+
+    httpx2 = pytest.importorskip("httpx2")  # the HTTP client of huggingface_hub 2.x, whose errors carry a response
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    real = huggingface_hub.snapshot_download
+
+    def hub(repo_id, **kw):
+        if kw.get("local_files_only"):
+            return real(repo_id, **kw)
+        if error == "OSError":
+            raise OSError("connection reset")
+        response = httpx2.Response(404, request=httpx2.Request("GET", f"https://huggingface.co/{repo_id}"))
+        raise getattr(errors, error)("refused", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    with pytest.raises(InputError, match=match) as e:
+        streammerge.merge("acme/other-model@v9", cache["ad"], tmp_path / "out")
+    assert str(e.value).startswith("acme/other-model@v9: ") and e.value.hint
+    assert not (tmp_path / "out").exists()
