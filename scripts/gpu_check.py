@@ -36,6 +36,9 @@ def run_suites() -> tuple[str, str]:
         "tests/test_parity_adapters.py",
         "tests/test_quant.py",
         "tests/test_executor.py",
+        "tests/test_moe.py",  # fused experts in expert blocks on the device
+        "tests/test_fp8.py",  # FP8 decoding and merged_fp8 re-quantization on the device
+        "tests/test_mxfp4.py",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
