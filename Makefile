@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint format clean
+.PHONY: install demo test test-gguf bench lint format clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (or: make PY=python3)"; exit 1; }
@@ -23,6 +23,24 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# Optional, not part of `make test`: byte-for-byte parity with llama.cpp's convert_hf_to_gguf.py and runs in
+# llama.cpp. Installs llama-cpp-python from its source release (this compiles llama.cpp: about 6-8 minutes
+# on 2 cores) and takes the converter from the same release, so both are the same llama.cpp version.
+LLAMA_CPP_PYTHON ?= 0.3.36
+GGUF_CHECK := .gguf-check
+LLAMA_SRC := $(GGUF_CHECK)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
+
+$(LLAMA_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py: $(STAMP)
+	mkdir -p $(GGUF_CHECK)
+	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(GGUF_CHECK)
+	tar xzf $(GGUF_CHECK)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(GGUF_CHECK)
+	touch $@
+
+test-gguf: $(LLAMA_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install $(GGUF_CHECK)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+	$(BIN)/python scripts/gguf_parity.py --llama-cpp $(LLAMA_SRC)/vendor/llama.cpp --run
+	$(BIN)/python -m pytest -q tests/test_gguf.py
+
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
@@ -35,4 +53,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix streammerge tests scripts
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache $(GGUF_CHECK)

@@ -103,14 +103,16 @@ def open_run(out: Path, fp: dict, resume: bool) -> tuple[Path, Journal, dict[str
 
 
 def finish_output(work, out, plan, aux, report, journal, stage, t0, reader, ws_bytes: int, peak_anon: int) -> None:
-    """Index, config, side files and report into the work directory, then publish it as ``out``."""
-    if len(plan.shards) > 1:
+    """Index, config, side files and report into the work directory, then publish it as ``out``
+    (``plan`` None: a GGUF output, which has none of these)."""
+    if plan is not None and len(plan.shards) > 1:
         index = {
             "metadata": {"total_size": plan.total_size, "streammerge": __version__},
             "weight_map": {o[0]: s.filename for s in plan.shards for j in s.jobs for o in j.outputs},
         }
         write_json(work / "model.safetensors.index.json", index)
-    write_json(work / "config.json", plan.config)
+    if plan is not None:
+        write_json(work / "config.json", plan.config)
     for name, src in aux.items():
         copy_file(src, work / name)
     st = stage
@@ -123,7 +125,7 @@ def finish_output(work, out, plan, aux, report, journal, stage, t0, reader, ws_b
         "total": round(time.perf_counter() - t0, 3),
     }
     for rec in report.shards:
-        rec["checksum"] = journal.shards[rec["file"]]["checksum"]
+        rec.setdefault("checksum", journal.shards.get(rec["file"], {}).get("checksum"))
     report.work_buffer_bytes = ws_bytes
     report.peak_anon_bytes = max(peak_anon, anon_bytes())
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -142,12 +144,19 @@ def _keep_or_discard(work: Path, e: BaseException) -> None:
         discard_work_dir(work)
 
 
-def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume: bool, t0: float, dist) -> None:
+def _gguf_layout(plan: MergePlan, aux: dict, out: Path, opts):
+    from .sinks.gguf import plan_gguf
+
+    return plan_gguf(plan, aux, out, opts)
+
+
+def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume, t0, dist, layout=None) -> None:
     from .execute import Executor  # torch: not needed to plan
     from .pipeline import progress_bar, run_shards
 
     work, journal, done = open_run(out, fingerprint(ckpt, ads, plan, report.options), resume)
-    todo = [s for s in plan.shards if s.filename not in done]
+    shards = plan.shards if layout is None else (layout.shard(plan),)
+    todo = [s for s in shards if s.filename not in done]
     report.resumed_shards = len(plan.shards) - len(todo)
     try:
         if dist is not None:
@@ -161,14 +170,20 @@ def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, res
         else:
             ex = Executor(reader, opts, dev, report)
             with progress_bar(plan, progress) as bar:
-                bar.update(sum(s.nbytes for s in plan.shards if s.filename in done))
+                bar.update(sum(s.nbytes for s in shards if s.filename in done))
 
                 def record(writer, filename: str) -> None:
                     writer.close()
                     journal.record(filename, writer.path.stat().st_size, writer.checksum)
 
-                stage = run_shards(todo, ex, work, opts, record, bar)
+                opener = layout.open_writer if layout is not None else None
+                stage = run_shards(todo, ex, work, opts, record, bar, opener)
             ws_bytes, peak = ex.ws.nbytes, ex.peak_anon
+        if layout is not None:
+            from .sinks.gguf import finish_gguf
+
+            report.shards = finish_gguf(work, layout, journal, report)
+            plan, aux = None, {}
         finish_output(work, out, plan, aux, report, journal, stage, t0, reader, ws_bytes, peak)
     except BaseException as e:
         _keep_or_discard(work, e)
@@ -205,6 +220,7 @@ def merge(
     compress: str | None = None,
     checksum: str = "crc32",
     direct_io: bool = True,
+    gguf_type: str | None = None,
     executor: str = "inprocess",
     workers: int = 2,
     address: str | None = None,
@@ -220,8 +236,9 @@ def merge(
     re-quantized with bitsandbytes: ``quant_type``/``blocksize``/``double_quant`` override the input's
     settings or the defaults nf4/64/True), ``merged_fp8`` / ``mxfp4`` (an FP8 / MXFP4 base stays so:
     merged weights re-quantized, the rest copied as stored), or ``lora`` (no merge: validate the adapter
-    against the base and write a normalized adapter directory). ``base`` and adapters may be Hub repo ids
-    (``ORG/NAME[@REVISION]``, read from the local cache); ``base=None`` takes the adapter's
+    against the base and write a normalized adapter directory), or ``gguf`` (one llama.cpp file of
+    ``gguf_type`` f32/f16/bf16/q8_0/auto or a k-quant, and an Ollama Modelfile). ``base`` and adapters
+    may be Hub repo ids (``ORG/NAME[@REVISION]``, read from the local cache); ``base=None`` takes the adapter's
     ``base_model_name_or_path``. ``push_to_hub``: upload the finished output to that repo."""
     t0 = time.perf_counter()
     specs = adapter_specs(adapter, adapters)
@@ -231,7 +248,7 @@ def merge(
         raise InputError("--push-to-hub with --dry-run: a dry run writes nothing to upload")
     opts = make_options(
         dtype, shard_size, device, save_method, allow_nonfinite, max_memory, quant_type, blocksize, double_quant,
-        compress, checksum, direct_io,
+        compress, checksum, direct_io, gguf_type,
     )  # fmt: skip
     out = Path(out)
     sources, rbase, notes = _resolve_inputs(base, specs)
@@ -245,7 +262,11 @@ def merge(
         # a plan, a dry run and the lora method need no torch: the device is resolved (importing it) only
         # for a merge, so that the command line's background import of torch overlaps the planning
         dev = device if dry_run or save_method == "lora" else resolve_device(device)
+        layout = _gguf_layout(plan, aux, out, opts) if save_method == "gguf" else None
         report = new_report(rbase.spec, ads, out, opts, plan, dev, dry_run, by_path)
+        if layout is not None:
+            report.shards = [{"file": layout.final_name, "bytes": layout.total, "tensors": len(layout.tensors)}]
+            report.notes.append(f"gguf: {layout.final_name}, {len(layout.tensors)} tensors ({opts.gguf_type})")
         report.base_source = rbase.describe()
         report.notes[:0] = notes + _sibling_note(rbase, ckpt, specs)
         drop_behind_if_large(reader, ckpt, report.notes)
@@ -259,10 +280,12 @@ def merge(
             if push_to_hub:
                 report.pushed_to = hub.push(out, push_to_hub, private, revision, report)
             return report
-        _check_space(out, plan, aux, report.free_disk_bytes)
+        _check_space(out, plan, aux, report.free_disk_bytes, layout)
         with OutputLock(out):
             dist = None if executor == "inprocess" else (executor, workers, address)
-            _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume, t0, dist)
+            if layout is not None and dist is not None:
+                raise InputError("--save-method gguf writes one file: use the in-process executor")
+            _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume, t0, dist, layout)
         if push_to_hub:
             report.pushed_to = hub.push(out, push_to_hub, private, revision, report)
         return report
@@ -296,8 +319,11 @@ def _sibling_note(rbase: hub.Resolved, ckpt: Checkpoint, specs) -> list[str]:
     ]
 
 
-def _check_space(out: Path, plan: MergePlan, aux: dict, free: int) -> None:
-    needed = plan.total_size + sum(len(p) if isinstance(p, bytes) else p.stat().st_size for p in aux.values())
+def _check_space(out: Path, plan: MergePlan, aux: dict, free: int, layout=None) -> None:
+    if layout is not None:  # a k-quant is made beside the 16-bit file, which then goes
+        needed = layout.total * (2 if layout.final_name != layout.filename else 1)
+    else:
+        needed = plan.total_size + sum(len(p) if isinstance(p, bytes) else p.stat().st_size for p in aux.values())
     if needed > free:
         raise OutputError(
             f"{out.parent}: {free / 1e9:.2f} GB free, the output needs {needed / 1e9:.2f} GB",

@@ -9,7 +9,14 @@ import psutil
 from .errors import InputError
 from .source import DTYPE_ALIASES
 
-SAVE_METHODS = ("merged_16bit", "merged_4bit", "merged_fp8", "mxfp4", "lora")
+# --gguf-type: what llama.cpp's converter writes itself, and the k-quants its quantizer makes from that
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "auto")
+KQUANTS = (
+    "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "q4_1", "q4_k_s", "q4_k_m",
+    "q5_0", "q5_1", "q5_k_s", "q5_k_m", "q6_k",
+)  # fmt: skip
+ALL_TYPES = GGUF_TYPES + KQUANTS
+SAVE_METHODS = ("merged_16bit", "merged_4bit", "merged_fp8", "mxfp4", "gguf", "lora")
 DEFAULT_MAX_MEMORY = "128MiB"
 CHECKSUMS = ("crc32", "sha256")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -36,6 +43,7 @@ class MergeOptions:
     allow_nonfinite: bool = False
     block_bytes: int = 64 * 1024 * 1024
     direct_io: bool = True  # write plain shards with O_DIRECT where the filesystem allows it
+    gguf_type: str = "auto"  # --save-method gguf: f32, f16, bf16, q8_0, auto, or a llama.cpp k-quant
 
 
 _UNITS = {
@@ -135,6 +143,16 @@ def _quant_out(save_method: str, quant_type, blocksize, double_quant) -> QuantOu
     return QuantOut(quant_type or "nf4", blocksize or 64, True if double_quant is None else double_quant)
 
 
+def _gguf_type(save_method: str, gguf_type: str | None) -> str:
+    if gguf_type is None:
+        return "auto"
+    if save_method != "gguf":
+        raise InputError("--gguf-type only applies to --save-method gguf")
+    if gguf_type.lower() not in ALL_TYPES:
+        raise InputError(f"unknown GGUF type {gguf_type!r}", hint=f"use one of {', '.join(ALL_TYPES)}")
+    return gguf_type.lower()
+
+
 def make_options(
     dtype: str = "auto",
     shard_size: str | int = "5GB",
@@ -148,6 +166,7 @@ def make_options(
     compress: str | int | None = None,
     checksum: str = "crc32",
     direct_io: bool = True,
+    gguf_type: str | None = None,
 ) -> MergeOptions:
     """Validated :class:`MergeOptions` from user-facing values. ``compress``: ``zstd[:LEVEL]``."""
     if save_method not in SAVE_METHODS:
@@ -163,6 +182,7 @@ def make_options(
         compress=parse_compress(compress),
         checksum=checksum,
         direct_io=bool(direct_io),
+        gguf_type=_gguf_type(save_method, gguf_type),
     )
     if checksum not in CHECKSUMS:
         raise InputError(f"unknown checksum {checksum!r}", hint=f"use one of {', '.join(CHECKSUMS)}")

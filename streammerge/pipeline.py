@@ -95,11 +95,18 @@ class WriterThread:
 
 
 def run_shards(
-    shards: list[ShardPlan], ex: Executor, work, opts, on_done: Callable[[ShardWriter, str], None], progress=None
+    shards: list[ShardPlan],
+    ex: Executor,
+    work,
+    opts,
+    on_done: Callable[[ShardWriter, str], None],
+    progress=None,
+    open_writer: Callable | None = None,
 ) -> dict:
     """Merge ``shards`` into files under ``work``: blocks computed on this thread, written on the
     writer thread; ``on_done(writer, filename)`` runs there once a shard is complete. Returns the
-    stage timings (``write``: the writer thread's busy time; ``compute``: time spent in the executor)."""
+    stage timings (``write``: the writer thread's busy time; ``compute``: time spent in the executor).
+    ``open_writer(path, shard, opts)``: another file format's writer (default: safetensors shards)."""
     reader = ex.reader
     wt = WriterThread()
     writers: list[ShardWriter] = []
@@ -108,7 +115,7 @@ def run_shards(
         ahead = Prefetcher(reader, [j.source for s in shards for j in s.jobs])
         n_job = 0
         for shard in shards:
-            writer = open_shard_writer(work / shard.filename, shard, opts)
+            writer = (open_writer or open_shard_writer)(work / shard.filename, shard, opts)
             writers.append(writer)
             for job in shard.jobs:
                 ahead.advance(n_job)

@@ -141,3 +141,39 @@ def verify(
     finally:
         reader.close()
     return rep
+
+
+def verify_gguf(out: str | Path) -> VerifyReport:
+    """A GGUF output: the file the report names, with its size and checksum, read back by gguf-py
+    (header, keys, tensor infos) with every tensor's data inside the file."""
+    out = Path(out)
+    rep = VerifyReport(str(out))
+    try:
+        report = json.loads((out / "streammerge_report.json").read_text())
+        (rec,) = report["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        rep.problems.append(f"{out / 'streammerge_report.json'}: missing or unreadable ({e})")
+        return rep
+    path = out / rec["file"]
+    if not path.is_file() or path.stat().st_size != rec["bytes"]:
+        rep.problems.append(f"{path}: missing or not {rec['bytes']} bytes as the report says")
+        return rep
+    rep.files = 1
+    if file_checksum(path, algo_of(rec["checksum"])) != rec["checksum"]:
+        rep.problems.append(f"{path}: checksum differs from the report's {rec['checksum']}")
+    rep.checksums_checked = 1
+    try:
+        from gguf import GGUFReader
+
+        tensors = GGUFReader(path).tensors
+    except Exception as e:
+        rep.problems.append(f"{path}: gguf-py cannot read it ({e})")
+        return rep
+    rep.tensors = len(tensors)
+    size = path.stat().st_size
+    for t in tensors:
+        if t.data_offset + t.n_bytes > size:
+            rep.problems.append(f"{path}: tensor {t.name} runs past the end of the file")
+    if rec.get("tensors") is not None and rec["tensors"] > len(tensors):
+        rep.problems.append(f"{path}: {len(tensors)} tensors, the report announced at least {rec['tensors']}")
+    return rep

@@ -30,6 +30,11 @@ def tiny_config(arch: str, **over):
         cfg = tf.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=16)
     elif arch == "gemma":
         cfg = tf.GemmaConfig(**TINY, num_key_value_heads=2, head_dim=16)
+    elif arch == "gemma2":
+        cfg = tf.Gemma2Config(**TINY, num_key_value_heads=2, head_dim=16, sliding_window=32)
+    elif arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(**TINY, num_key_value_heads=2, head_dim=16, sliding_window=32)
+        cfg.architectures = ["Gemma3ForCausalLM"]
     elif arch == "phi3":
         cfg = tf.Phi3Config(**TINY, num_key_value_heads=4, pad_token_id=0)
     elif arch == "gpt2":

@@ -74,7 +74,15 @@ def _output_args(m: argparse.ArgumentParser) -> None:
         help="merged_16bit: dense merged model; merged_4bit: merged then re-quantized with bitsandbytes "
         "(loses precision); merged_fp8 / mxfp4: an FP8 / MXFP4 base stays so (merged weights re-quantized, the "
         "rest copied); "
+        "gguf: one llama.cpp / Ollama file (see --gguf-type) and a Modelfile; "
         "lora: no merge, a validated and normalized adapter directory",
+    )
+    m.add_argument(
+        "--gguf-type",
+        metavar="TYPE",
+        help="gguf: f32, f16, bf16, q8_0 or auto (the checkpoint's dtype; default), as llama.cpp's converter "
+        "writes them; or a k-quant (q4_k_m, q5_k_m, q6_k, ...) made by llama.cpp's quantizer "
+        "(needs streammerge[llama-cpp])",
     )
     m.add_argument(
         "--quant-type", choices=["nf4", "fp4"], help="merged_4bit: 4-bit type (default: the input's, or nf4)"
@@ -194,13 +202,22 @@ def run(args, log) -> int:
         quant_type=args.quant_type,
         blocksize=args.blocksize,
         double_quant=args.double_quant,
+        gguf_type=args.gguf_type,
         push_to_hub=None if args.verify else args.push_to_hub,  # with --verify: upload once verified
         private=args.private,
         revision=args.revision,
     )
     for w in report.warnings:
         log.warning(w)
-    if args.verify and not args.dry_run:
+    if args.verify and not args.dry_run and args.save_method == "gguf":
+        from ..errors import VerifyError
+        from ..verify import verify_gguf
+
+        vr = verify_gguf(out)
+        if not vr.ok:
+            raise VerifyError(f"{out}: verification failed", details=vr.problems)
+        log.info("verified: %s read back by gguf-py, %d tensors, checksum as recorded", out, vr.tensors)
+    elif args.verify and not args.dry_run:
         from ..errors import VerifyError
         from ..verify import verify
 

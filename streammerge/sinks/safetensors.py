@@ -171,12 +171,16 @@ class ShardWriter:
         checksum: str = "crc32",
         direct: bool = True,
         stage_bytes: int = STAGE_BYTES,
+        head: bytes | None = None,
+        sizes: list[tuple[str, int]] | None = None,
     ):
+        """``head`` and ``sizes`` (name, bytes): another file format's header and tensor sizes instead
+        of a safetensors header built from ``specs`` (the GGUF sink)."""
         self.path = Path(path)
-        self._specs = [(name, numel(shape) * DTYPES[dtype][0]) for name, dtype, shape in specs]
+        self._specs = sizes if sizes is not None else [(n, numel(s) * DTYPES[dt][0]) for n, dt, s in specs]
         self._i = 0
         self._left = self._specs[0][1] if self._specs else 0
-        header = build_header(specs, metadata)
+        header = head if head is not None else build_header(specs, metadata)
         self._algo = checksum
         self._hash = Digest(checksum)
         self._hash.update(header)
