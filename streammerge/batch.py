@@ -40,6 +40,7 @@ JOB_OPTIONS = (
     "double_quant",
     "allow_nonfinite",
     "compress",
+    "gguf_type",
 )
 
 
@@ -159,6 +160,8 @@ class _Active:
     t0: float = 0.0
     compute: float = 0.0
     sharing: int = 1  # job writers open at once: they split the O_DIRECT staging budget
+    layout: object = None  # a GGUF output's layout (sinks.gguf.GgufLayout); None: safetensors shards
+    shards: tuple = ()  # the files to write: the plan's shards, or the one GGUF file
 
 
 def batch(
@@ -211,7 +214,13 @@ def batch(
                         write_lora(ads[0], spec.out, reader, report, opts.direct_io)
                     res.seconds, res.total_size = round(time.perf_counter() - t, 3), report.total_size
                     continue
-                active.append(_Active(spec, res, plan, report, aux, ads, opts))
+                a = _Active(spec, res, plan, report, aux, ads, opts, shards=plan.shards)
+                if opts.save_method == "gguf":
+                    from .sinks.gguf import plan_gguf
+
+                    a.layout = plan_gguf(plan, aux, spec.out, opts)
+                    a.shards = (a.layout.shard(plan),)
+                active.append(a)
             except StreamMergeError as e:
                 res.status, res.error = "failed", str(e).splitlines()[0]
                 log.error("job %s: %s", spec.name, e)
@@ -288,7 +297,7 @@ def _run_pass(active: list[_Active], ckpt, logical, reader: Reader, dev, ws: Wor
         fp = fingerprint(ckpt, a.ads, a.plan, a.report.options)
         a.work, a.journal, _ = open_run(a.spec.out, fp, resume=False)
         a.ex = Executor(reader, a.opts, dev, a.report, ws)
-        a.order = [(i, j) for i, s in enumerate(a.plan.shards) for j in s.jobs]
+        a.order = [(i, j) for i, s in enumerate(a.shards) for j in s.jobs]
     names = list(logical) + sorted({j.name for a in active for _, j in a.order} - set(logical))
     ahead = Prefetcher(reader, [logical.get(n) for n in names])
     try:
@@ -325,11 +334,17 @@ def _run_pass(active: list[_Active], ckpt, logical, reader: Reader, dev, ws: Wor
         if a.failed is None:
             try:
                 stage = {**a.ex.stage, "write": wt.busy, "compute": a.compute}
+                plan, aux = a.plan, a.aux
+                if a.layout is not None:
+                    from .sinks.gguf import finish_gguf
+
+                    a.report.shards = finish_gguf(a.work, a.layout, a.journal, a.report)
+                    plan, aux = None, {}
                 finish_output(
                     a.work,
                     a.spec.out,
-                    a.plan,
-                    a.aux,
+                    plan,
+                    aux,
                     a.report,
                     a.journal,
                     stage,
@@ -359,10 +374,13 @@ def _ensure_writer(a: _Active, shard_i: int, wt: WriterThread) -> None:
         return
     if a.writer is not None:
         wt.submit(_guarded, a, _close_shard, a, a.writer)
-    shard = a.plan.shards[shard_i]
+    shard = a.shards[shard_i]
     a.shard_i = shard_i
     try:
-        a.writer = open_shard_writer(a.work / shard.filename, shard, a.opts, a.sharing)
+        if a.layout is not None:
+            a.writer = a.layout.open_writer(a.work / shard.filename, shard, a.opts)
+        else:
+            a.writer = open_shard_writer(a.work / shard.filename, shard, a.opts, a.sharing)
     except StreamMergeError as e:
         _fail(a, e)
 

@@ -187,3 +187,58 @@ def test_kquant_made_by_llama_cpp(pairs, tmp_path):
     r = gguf.GGUFReader(path)
     assert r.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
     assert not list(out.glob("*BF16*"))  # the 16-bit intermediate is gone
+
+
+def test_batch_writes_gguf_beside_safetensors_in_one_pass(pairs, tmp_path):
+    """A batch mixing a GGUF job and a merged_16bit job: the GGUF equals the single merge's, byte for byte."""
+    from helpers import build_adapter, build_model
+
+    from streammerge.batch import JobSpec, batch
+
+    base, adapter = pairs("llama", "spm")
+    other = build_adapter(
+        build_model("llama", vocab_size=VOCAB), tmp_path / "ad2", seed=5, r=2, target_modules=["q_proj"]
+    )
+    jobs = [
+        JobSpec("a", [str(adapter)], tmp_path / "b" / "merged", {"save_method": "gguf", "gguf_type": "q8_0"}),
+        JobSpec("b", [str(other)], tmp_path / "b16" / "merged", {}),
+    ]
+    results = batch(base, jobs)
+    assert [r.status for r in results] == ["ok", "ok"], results
+    single = tmp_path / "single" / "merged"
+    streammerge.merge(base, adapter, single, save_method="gguf", gguf_type="q8_0")
+    (a,) = (tmp_path / "b" / "merged").glob("*.gguf")
+    (b,) = single.glob("*.gguf")
+    assert a.name == b.name and a.read_bytes() == b.read_bytes()
+    assert (tmp_path / "b16" / "merged" / "model.safetensors").is_file()
+
+
+def _quantized_base(tmp: Path, kind: str) -> tuple[Path, Path]:
+    """A Llama quantized by transformers (bnb nf4, or FP8 blocks), saved with a SentencePiece tokenizer,
+    and a PEFT adapter."""
+    import transformers as tf
+    from gguf_fixtures import spm_tokenizer
+    from helpers import build_adapter, build_model, save_base
+    from test_fp8 import _llama, transformers_fp8
+
+    if kind == "fp8":
+        model, vocab = _llama(512), 512
+        save_base(model, tmp / "b16")
+        transformers_fp8(tmp / "b16", tmp / "q")
+    else:
+        model, vocab = build_model("llama", torch.bfloat16, vocab_size=VOCAB), VOCAB
+        save_base(model, tmp / "b16")
+        qc = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        tf.AutoModelForCausalLM.from_pretrained(tmp / "b16", quantization_config=qc).save_pretrained(tmp / "q")
+    spm_tokenizer(tmp / "q", vocab=vocab)
+    ad = build_adapter(model.float(), tmp / "ad", r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"])
+    return tmp / "q", ad
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp8"])
+def test_gguf_from_quantized_bases_equals_merged_16bit(tmp_path, kind):
+    """From a quantized base the GGUF holds the merged_16bit output's weights: same logits in transformers."""
+    base, adapter = _quantized_base(tmp_path, kind)
+    m16, path = _merge_both(tmp_path, base, adapter, "bf16")
+    assert gguf.GGUFReader(path).fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_BF16)
+    _check_logits(path, m16, "f32")  # the bf16 values themselves: equal up to float32 rounding of the sums

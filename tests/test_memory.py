@@ -139,3 +139,40 @@ def test_fp8_base_merges_under_data_cap(tmp_path):
     delta = (lora[f"{m}.lora_B.weight"] @ lora[f"{m}.lora_A.weight"]) * 2.0
     want = ((q.float() * scale).to(torch.bfloat16).float() + delta).to(torch.bfloat16)
     assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux prlimit")
+def test_gguf_q8_0_under_data_cap(tmp_path):
+    """--save-method gguf (Q8_0: converted, permuted and quantized on the way) under the same cap on a
+    model three times its size; two merged tensors checked against gguf-py's own quantization of the
+    dense reference (rope-permuted for attn_k)."""
+    import gguf
+    import numpy as np
+    from gguf_fixtures import spm_tokenizer
+    from safetensors.torch import load_file
+
+    base, ad = write_synthetic_llama(tmp_path, hidden=2048, inter=5632, layers=14, vocab=32000, kv_heads=4, heads=16)
+    spm_tokenizer(base)  # 384 pieces: the converter pads the rest of the 32000 ids with [PADi]
+    out = tmp_path / "out"
+    cmd = ["prlimit", f"--data={CAP}", sys.executable, "-m", "streammerge", "merge", str(base), str(ad), str(out)]
+    proc = subprocess.run([*cmd, "--save-method", "gguf", "--gguf-type", "q8_0", "--json", "--no-progress"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["work_buffer_bytes"] <= 128 * 2**20
+    (path,) = out.glob("*.gguf")
+    r = gguf.GGUFReader(path)
+    assert len(r.fields["tokenizer.ggml.tokens"].contents()) == 32000 and len(r.tensors) == 14 * 9 + 3
+    by = {t.name: t for t in r.tensors}
+    lora = load_file(ad / "adapter_model.safetensors")
+    where = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    for k, name, heads in (("model.layers.13.self_attn.k_proj.weight", "blk.13.attn_k.weight", 4),
+                           ("model.layers.13.mlp.down_proj.weight", "blk.13.ffn_down.weight", 0)):  # fmt: skip
+        with safe_open(str(base / where[k]), "pt") as b:
+            src = b.get_tensor(k)
+        m = "base_model.model." + k[: -len(".weight")]
+        delta = (lora[f"{m}.lora_B.weight"] @ lora[f"{m}.lora_A.weight"]) * 2.0
+        want = (src.float() + delta).to(torch.bfloat16).float()
+        if heads:  # llama.cpp's rope order: each head's two halves interleaved
+            want = want.reshape(heads, 2, want.shape[0] // heads // 2, -1).transpose(1, 2).reshape(want.shape)
+        expect = gguf.quants.quantize(want.numpy(), gguf.GGMLQuantizationType.Q8_0)
+        assert np.array_equal(np.asarray(by[name].data).reshape(expect.shape), expect), name

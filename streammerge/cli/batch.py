@@ -37,6 +37,7 @@ def add_parser(sub) -> None:
     b.add_argument("--dtype", choices=DTYPE_CHOICES, help="output float dtype for every job")
     b.add_argument("--shard-size", type=size_arg, help="max tensor bytes per output shard (5GB)")
     b.add_argument("--save-method", choices=SAVE_METHOD_CHOICES, help="for every job")
+    b.add_argument("--gguf-type", metavar="TYPE", help="--save-method gguf: f32, f16, bf16, q8_0, auto or a k-quant")
     b.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     b.add_argument("--max-memory", default="128MiB", metavar="SIZE|FRACTION", help="work memory budget")
     b.add_argument("--resume", action="store_true", help="skip jobs whose output is already complete")
@@ -57,7 +58,7 @@ def add_parser(sub) -> None:
 def run(args, log) -> int:
     from ..batch import batch, jobs_from_args, read_manifest, results_json, summary_table
 
-    keys = ("dtype", "shard_size", "save_method", "compress")
+    keys = ("dtype", "shard_size", "save_method", "compress", "gguf_type")
     over = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.manifest:
         if args.args:
