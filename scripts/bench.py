@@ -77,9 +77,20 @@ def build(preset: str) -> tuple[Path, Path]:
     print(f"building {preset} model under {root} ...", file=sys.stderr, flush=True)
     fp8 = "fp8" in preset
     base, ad = write_synthetic_llama(root, hidden, inter, layers, vocab, kv, heads, shards=shards, r=16, fp8=fp8)
+    with_tokenizer(base)
     (root / ".complete").write_text("ok")
     print(f"  built in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
     return base, ad
+
+
+def with_tokenizer(base: Path) -> None:
+    """A SentencePiece tokenizer beside the weights (for --gguf), trained on the spot (tests' fixture)."""
+    if (base / "tokenizer.model").exists():
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from gguf_fixtures import spm_tokenizer
+
+    spm_tokenizer(base)
 
 
 def model_bytes(base: Path) -> int:
@@ -151,6 +162,9 @@ def bench_tool(
     if cache == "cold":
         evict(base)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    if tool.startswith("gguf-"):
+        extra = [*extra, "--save-method", "gguf", "--gguf-type", tool[len("gguf-") :]]
+        tool = "streammerge"
     if tool == "streammerge":
         cmd = [
             *(["prlimit", f"--data={parse_size(prlimit)}"] if prlimit else []),
@@ -326,6 +340,7 @@ def main() -> int:
     p.add_argument("--out-dir", type=Path, default=CACHE / "out", help="where outputs are written (and removed)")
     p.add_argument("--batch", type=int, default=0, metavar="N", help="also bench a batch of N adapters")
     p.add_argument("--prlimit", help="run streammerge under prlimit --data=SIZE (e.g. 1GiB) to prove the bound")
+    p.add_argument("--gguf", default="", metavar="TYPES", help="also bench --save-method gguf, e.g. f16,q8_0")
     p.add_argument("streammerge_args", nargs="*", help="extra arguments for streammerge merge (after --)")
     args = p.parse_args()
     results: list[Result] = []
@@ -333,6 +348,8 @@ def main() -> int:
     for size in args.sizes.split(","):
         base, ad = build(size)
         tools = ["cp+sync", "dd-direct", "streammerge"]
+        with_tokenizer(base)
+        tools += [f"gguf-{t}" for t in args.gguf.split(",") if t]
         if not args.skip_peft and (peft_sizes is None or size in peft_sizes):
             tools.append("peft")
         runs: dict[str, list] = {tool: [] for tool in tools}
@@ -371,6 +388,9 @@ def main() -> int:
         line = f"{size}: streammerge / cp+sync = {sm.wall_s / by['cp+sync'].wall_s:.2f}x"
         if "dd-direct" in by:
             line += f", / dd-direct = {sm.wall_s / by['dd-direct'].wall_s:.2f}x"
+        for tool in by:
+            if tool.startswith("gguf-"):
+                line += f"; {tool} / streammerge = {by[tool].wall_s / sm.wall_s:.2f}x"
         if "peft" in by:
             line += (
                 f"; PEFT / streammerge = {by['peft'].wall_s / sm.wall_s:.1f}x faster; "

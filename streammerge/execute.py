@@ -239,6 +239,9 @@ class Executor:
         shape = (r1 - r0, *job.shape[1:]) if len(job.shape) >= 2 else job.shape
         t = time.perf_counter()
         blk = rows_of(r0, r1).reshape(shape)
+        if not prepared and blk.dtype == out_dtype and job.encoding is not None:
+            self.stage["read" if formats.is_dense(job.source) else "dequant"] += time.perf_counter() - t
+            return blk  # nothing to merge: the values as stored, for the encoding to convert
         if blk.dtype != out_dtype and out_dtype != torch.float32:
             # the base as loaded in the output dtype, as PEFT would see it (into a reused buffer: no fresh
             # pages per block)

@@ -242,3 +242,21 @@ def test_gguf_from_quantized_bases_equals_merged_16bit(tmp_path, kind):
     m16, path = _merge_both(tmp_path, base, adapter, "bf16")
     assert gguf.GGUFReader(path).fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_BF16)
     _check_logits(path, m16, "f32")  # the bf16 values themselves: equal up to float32 rounding of the sums
+
+
+def test_torch_conversions_are_byte_identical_to_gguf_py():
+    """The sink's Q8_0 / F16 / BF16 in torch against gguf-py's numpy quantizers: zeros, ties, extremes."""
+    from streammerge.sinks.gguf import q8_0
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 256, generator=g) * torch.logspace(-6, 4, 64).unsqueeze(1)
+    x[0] = 0.0  # all-zero blocks
+    x[1, :32] = torch.arange(32) - 15.5  # values landing on .5 after scaling
+    x[2, 5] = 3.0e38  # huge: f16 scale overflows to inf
+    x[3] = torch.tensor([1e-40, -1e-40] * 128)  # subnormals
+    q = gguf.GGMLQuantizationType
+    assert np.array_equal(q8_0(x.clone()).numpy(), gguf.quants.quantize(x.numpy(), q.Q8_0))
+    assert np.array_equal(
+        x.to(torch.bfloat16).view(torch.uint16).numpy(), gguf.quants.quantize(x.numpy(), q.BF16).view(np.uint16)
+    )
+    assert np.array_equal(x.to(torch.float16).numpy(), gguf.quants.quantize(x.numpy(), q.F16))

@@ -99,32 +99,75 @@ class GgufEncoding:
         return None
 
     def encode(self, name: str, out, ws, r0: int, rows: int) -> Iterator[tuple[str, object]]:
-        data = encode_rows(self.t, out, r0)
-        if data.numel():
-            yield self.t.name, data
+        for data in encode_rows(self.t, out, r0):
+            if data.numel():
+                yield self.t.name, data
 
 
-def encode_rows(t: GgufTensor, out, r0: int):
+CHUNK = 1 << 20  # elements converted at a time: temporaries of a few MiB, reused by the allocator
+
+
+def encode_rows(t: GgufTensor, out, r0: int) -> Iterator:
     """The bytes of rows ``r0 ..`` of ``t`` from the merged (rounded) values ``out``, as the converter
-    computes them: widened to float32, shifted, permuted per head, cropped, then converted."""
+    computes them: widened to float32, shifted, permuted per head, cropped, then converted. Done and
+    yielded a few MiB at a time (whole heads when permuting): small temporaries the allocator reuses."""
+    if t.keep_rows is not None:
+        out = out[: max(0, t.keep_rows - r0)]
+    rows = out.shape[0] if out.dim() else 1
+    per_row = out[0].numel() if out.dim() > 1 else 1
+    step = max(1, CHUNK // per_row)
+    if t.permute:
+        step = max(t.permute, step // t.permute * t.permute)
+    if not out.dim():
+        yield _convert(t, out)
+    for i in range(0, rows if out.dim() else 0, step):
+        yield _convert(t, out[i : i + step])
+
+
+def _convert(t: GgufTensor, out):
     import torch
 
     gguf = gguf_module()
+    q = gguf.GGMLQuantizationType
+    plain = {q.F32: torch.float32, q.F16: torch.float16, q.BF16: torch.bfloat16}.get(q(t.qtype))
+    if plain is not None and not t.shift:  # moving values and one rounding: exact in the merged dtype
+        x = out.cpu()
+        if t.permute:
+            x = x.reshape(-1, 2, t.permute // 2, *x.shape[1:]).transpose(1, 2).reshape(x.shape)
+        return x.to(plain)
     x = out.to(device="cpu", dtype=torch.float32)
     if t.shift:
-        x = x + t.shift
+        x += t.shift
     if t.permute:
         x = x.reshape(-1, 2, t.permute // 2, *x.shape[1:]).transpose(1, 2).reshape(x.shape)
-    if t.keep_rows is not None:
-        x = x[: max(0, t.keep_rows - r0)]
-    q = gguf.GGMLQuantizationType
     if t.qtype == q.F32:
         return x.contiguous()
     if t.qtype == q.F16:
         return x.to(torch.float16)
     if t.qtype == q.BF16:
         return x.to(torch.bfloat16)
+    if t.qtype == q.Q8_0:
+        return q8_0(x)
     return torch.from_numpy(gguf.quants.quantize(x.numpy(), q(t.qtype)))
+
+
+def q8_0(x):
+    """ggml's Q8_0 of float32 rows (blocks of 32: an f16 scale amax/127, then 32 int8 rounded half away
+    from zero): gguf-py's ``quants.quantize`` operation for operation, in torch (tested byte-identical).
+    ``x`` is overwritten."""
+    import torch
+
+    b = x.reshape(-1, 32)
+    a = b.abs()
+    d = a.amax(dim=1, keepdim=True).div_(127)
+    b.mul_(torch.where(d == 0, 0.0, 1.0 / d))
+    torch.abs(b, out=a)
+    fl = a.floor()
+    a.sub_(fl).mul_(2).floor_().add_(fl).mul_(b.sign_())  # sign(v) * (floor(a) + floor(2 (a - floor(a))))
+    out = torch.empty((b.shape[0], 34), dtype=torch.uint8)
+    out[:, :2] = d.to(torch.float16).view(torch.uint8)
+    out[:, 2:].view(torch.int8).copy_(a)
+    return out.reshape(*x.shape[:-1], x.shape[-1] // 32 * 34)
 
 
 class GgufWriter:
