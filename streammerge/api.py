@@ -155,9 +155,9 @@ def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, res
     from .pipeline import progress_bar, run_shards
 
     work, journal, done = open_run(out, fingerprint(ckpt, ads, plan, report.options), resume)
-    shards = plan.shards if layout is None else (layout.shard(plan),)
+    shards = plan.shards if layout is None else (layout.shard(),)
     todo = [s for s in shards if s.filename not in done]
-    report.resumed_shards = len(plan.shards) - len(todo)
+    report.resumed_shards = len(shards) - len(todo)
     try:
         if dist is not None:
             specs = [(a.path, a.weight) for a in ads]
@@ -169,7 +169,7 @@ def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, res
             ws_bytes, peak = stats["work_buffer_bytes"], stats["peak_anon"]
         else:
             ex = Executor(reader, opts, dev, report)
-            with progress_bar(plan, progress) as bar:
+            with progress_bar(sum(s.nbytes for s in shards), progress) as bar:
                 bar.update(sum(s.nbytes for s in shards if s.filename in done))
 
                 def record(writer, filename: str) -> None:

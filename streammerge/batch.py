@@ -219,7 +219,7 @@ def batch(
                     from .sinks.gguf import plan_gguf
 
                     a.layout = plan_gguf(plan, aux, spec.out, opts)
-                    a.shards = (a.layout.shard(plan),)
+                    a.shards = (a.layout.shard(),)
                 active.append(a)
             except StreamMergeError as e:
                 res.status, res.error = "failed", str(e).splitlines()[0]

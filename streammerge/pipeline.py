@@ -12,7 +12,7 @@ from collections.abc import Callable
 from tqdm import tqdm
 
 from .execute import WRITE_QUEUE, Executor
-from .plan import MergePlan, ShardPlan
+from .plan import ShardPlan
 from .sinks.safetensors import ShardWriter, open_shard_writer
 from .source import Reader, stored_refs
 
@@ -141,9 +141,10 @@ def run_shards(
     return {**ex.stage, "write": wt.busy, "compute": t_compute}
 
 
-def progress_bar(plan: MergePlan, enabled: bool) -> tqdm:
+def progress_bar(total: int, enabled: bool) -> tqdm:
+    """A progress bar over ``total`` output bytes."""
     return tqdm(
-        total=plan.total_size,
+        total=total,
         unit="B",
         unit_scale=True,
         unit_divisor=1024,

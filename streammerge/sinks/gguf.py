@@ -47,33 +47,35 @@ class GgufLayout:
     final_name: str
     chat_template: str | None
     stops: list[str]
-    notes: list[str]
+    jobs: tuple = ()  # the plan's jobs for the tensors the file keeps, with their encodings, in file order
 
     @property
     def total(self) -> int:
         return len(self.head) + sum(_pad(t.nbytes, self.alignment) for t in self.tensors)
 
-    def jobs(self, plan: MergePlan) -> tuple:
-        """The plan's jobs for the tensors the file keeps, each with its GGUF encoding, in file order."""
-        by_source = {t.source: t for t in self.tensors}
-        jobs = []
-        for job in plan.jobs:
-            t = by_source.get(job.name)
-            if t is None:
-                if job.updates:
-                    raise InputError(
-                        f"{job.name}: the adapter changes this tensor, and llama.cpp's GGUF drops it",
-                        hint="merge with --save-method merged_16bit",
-                    )
-                continue
-            jobs.append(replace(job, encoding=GgufEncoding(t)))
-        return tuple(jobs)
-
-    def shard(self, plan: MergePlan) -> ShardPlan:
-        return ShardPlan(self.filename, self.jobs(plan))
+    def shard(self) -> ShardPlan:
+        return ShardPlan(self.filename, self.jobs)
 
     def open_writer(self, path: Path, shard: ShardPlan, opts) -> GgufWriter:
         return GgufWriter(path, self, checksum=opts.checksum, direct=opts.direct_io, stage_bytes=staging_bytes(opts))
+
+
+def _encoded_jobs(plan: MergePlan, tensors: list[GgufTensor]) -> tuple:
+    """The plan's jobs for the tensors the file keeps, each with its GGUF encoding, in file order; an
+    adapter update on a tensor the converter drops is refused."""
+    by_source = {t.source: t for t in tensors}
+    jobs = []
+    for job in plan.jobs:
+        t = by_source.get(job.name)
+        if t is None:
+            if job.updates:
+                raise InputError(
+                    f"{job.name}: the adapter changes this tensor, and llama.cpp's GGUF drops it",
+                    hint="merge with --save-method merged_16bit",
+                )
+            continue
+        jobs.append(replace(job, encoding=GgufEncoding(t)))
+    return tuple(jobs)
 
 
 def _pad(n: int, align: int) -> int:
@@ -82,7 +84,7 @@ def _pad(n: int, align: int) -> int:
 
 @dataclass(frozen=True)
 class GgufEncoding:
-    """Merged rows -> the GGUF bytes of one tensor: float32, the converter's changes, then its type."""
+    """Merged rows -> the GGUF bytes of one tensor: the converter's changes, then its type."""
 
     t: GgufTensor
     whole_tensor = False
@@ -250,7 +252,7 @@ def _layout(gguf, plan: MergePlan, meta: Path, opts) -> GgufLayout:
     template = w.kv_data[0].get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
     return GgufLayout(
         f"{name}.gguf", head, merged, w.data_alignment, opts.gguf_type, f"{final}.gguf",
-        template.value if template is not None else None, _stops(w, gguf), [],
+        template.value if template is not None else None, _stops(w, gguf), _encoded_jobs(plan, merged),
     )  # fmt: skip
 
 
