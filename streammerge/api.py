@@ -218,7 +218,7 @@ def merge(
     blocksize: int | None = None,
     double_quant: bool | None = None,
     compress: str | None = None,
-    checksum: str = "crc32",
+    checksum: str = "xxh3",
     direct_io: bool = True,
     gguf_type: str | None = None,
     executor: str = "inprocess",

@@ -18,7 +18,7 @@ KQUANTS = (
 ALL_TYPES = GGUF_TYPES + KQUANTS
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "merged_fp8", "mxfp4", "gguf", "lora")
 DEFAULT_MAX_MEMORY = "128MiB"
-CHECKSUMS = ("crc32", "sha256")
+CHECKSUMS = ("xxh3", "crc32", "sha256")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -39,7 +39,7 @@ class MergeOptions:
     save_method: str = "merged_16bit"
     quant: QuantOut | None = None  # merged_4bit settings for a 16-bit base (None: the input's own)
     compress: int | None = None  # zstd level: write *.safetensors.zst shards (archival)
-    checksum: str = "crc32"  # per-shard checksum in the journal and report: crc32 or sha256
+    checksum: str = "xxh3"  # per-shard checksum in the journal and report: xxh3, crc32 or sha256
     allow_nonfinite: bool = False
     block_bytes: int = 64 * 1024 * 1024
     direct_io: bool = True  # write plain shards with O_DIRECT where the filesystem allows it
@@ -164,7 +164,7 @@ def make_options(
     blocksize: int | None = None,
     double_quant: bool | None = None,
     compress: str | int | None = None,
-    checksum: str = "crc32",
+    checksum: str = "xxh3",
     direct_io: bool = True,
     gguf_type: str | None = None,
 ) -> MergeOptions:

@@ -28,7 +28,7 @@ def test_local_processes_equal_single_process(pair, tmp_path):
     assert len(rep.shards) >= 4
     assert any("2 local worker(s)" in n or "1 local worker(s)" in n for n in rep.notes)
     assert _model_files(out) == _model_files(ref)
-    assert all(s["checksum"].startswith("crc32:") for s in rep.shards)
+    assert all(s["checksum"].startswith("xxh3:") for s in rep.shards)
 
 
 def test_ray_local_cluster_equals_single_process(pair, tmp_path):

@@ -8,6 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ..options import CHECKSUMS
 from .common import (
     DEVICE_CHOICES,
     DTYPE_CHOICES,
@@ -101,9 +102,10 @@ def _output_args(m: argparse.ArgumentParser) -> None:
     )
     m.add_argument(
         "--checksum",
-        default="crc32",
-        choices=["crc32", "sha256"],
-        help="per-shard checksum kept in the journal and report (crc32: fast; sha256: as sha256sum prints)",
+        default="xxh3",
+        choices=CHECKSUMS,
+        help="per-shard checksum kept in the journal and report (xxh3: fastest, as 'xxhsum -H3' prints; "
+        "crc32: zlib's; sha256: as sha256sum prints)",
     )
 
 

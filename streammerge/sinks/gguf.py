@@ -320,7 +320,7 @@ def finish_gguf(work: Path, layout: GgufLayout, journal, report) -> list[dict]:
         name = layout.final_name
         report.notes.append(f"gguf: {layout.final_type} made from the 16-bit file by llama.cpp's quantizer")
     path = work / name
-    rec = journal.shards.get(name) or {"checksum": file_checksum(path, report.options.get("checksum", "crc32"))}
+    rec = journal.shards.get(name) or {"checksum": file_checksum(path, report.options.get("checksum", "xxh3"))}
     fam = write_modelfile(work / "Modelfile", name, layout.chat_template, layout.stops)
     report.notes.append(
         f"Modelfile: chat template as Ollama's {fam} template" if fam else

@@ -118,25 +118,44 @@ class OutputLock:
             self._fd = None
 
 
-class Digest:
-    """A running checksum: ``crc32`` (zlib; fast, catches torn writes and flipped bits) or ``sha256``
-    (what ``sha256sum`` prints; about 2.3x slower). ``hexdigest()`` is ``ALGO:HEX``."""
+class _Crc32:
+    """zlib's crc32 behind hashlib's ``update``/``hexdigest``."""
 
-    def __init__(self, algo: str = "crc32"):
+    def __init__(self) -> None:
+        self._crc = 0
+
+    def update(self, data) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+
+    def hexdigest(self) -> str:
+        return f"{self._crc:08x}"
+
+
+def _hasher(algo: str):
+    if algo == "xxh3":
+        import xxhash
+
+        return xxhash.xxh3_64()
+    return hashlib.sha256() if algo == "sha256" else _Crc32()
+
+
+class Digest:
+    """A running checksum; ``hexdigest()`` is ``ALGO:HEX``. ``xxh3`` (XXH3-64, what ``xxhsum -H3``
+    prints; about 10 GB/s on one core here), ``crc32`` (zlib's, 2.4 GB/s) or ``sha256`` (what
+    ``sha256sum`` prints, 1.4 GB/s). All catch torn writes and flipped bits; only sha256 resists
+    deliberate tampering."""
+
+    def __init__(self, algo: str = "xxh3"):
         if algo not in CHECKSUMS:
             raise OutputError(f"unknown checksum {algo!r}", hint=f"use one of {', '.join(CHECKSUMS)}")
         self.algo = algo
-        self._crc = 0
-        self._sha = hashlib.sha256() if algo == "sha256" else None
+        self._h = _hasher(algo)
 
     def update(self, data) -> None:
-        if self._sha is not None:
-            self._sha.update(data)
-        else:
-            self._crc = zlib.crc32(data, self._crc)
+        self._h.update(data)
 
     def hexdigest(self) -> str:
-        return f"{self.algo}:" + (self._sha.hexdigest() if self._sha is not None else f"{self._crc:08x}")
+        return f"{self.algo}:{self._h.hexdigest()}"
 
 
 def file_checksum(path: Path, algo: str, chunk: int = 64 << 20) -> str:

@@ -168,7 +168,7 @@ class ShardWriter:
         specs: list[tuple[str, str, tuple[int, ...]]],
         metadata=None,
         zstd_level: int | None = None,
-        checksum: str = "crc32",
+        checksum: str = "xxh3",
         direct: bool = True,
         stage_bytes: int = STAGE_BYTES,
         head: bytes | None = None,
