@@ -6,6 +6,8 @@ fp32 working copies of (a row block of) the base weight, already rounded to the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -21,6 +23,37 @@ def lowrank_delta(
     if transposed:
         d = d.T
     return d * scaling
+
+
+def scaling_folds_exactly(a: torch.Tensor, b: torch.Tensor, scaling: float) -> bool:
+    """Whether ``(B * scaling) @ A`` equals ``(B @ A) * scaling`` bit for bit in fp32, so that the
+    scaling can be folded into ``B`` once per tensor instead of multiplying every delta element.
+
+    True when ``scaling`` is a power of two (other than 1) and no value of either order of operations
+    can fall into fp32's subnormal range or overflow: every element of B and A is a multiple of its
+    own exponent's ulp, so every product, partial sum and FMA of the matmul is an exact multiple of
+    ``G = 2**(e(bmin) + e(amin) - 46) >= bmin * amin * 2**-48``; a nonzero one is at least G. If
+    ``G * min(|s|, 1) >= 2**-126`` they are all normal numbers in both orders, and multiplying by a
+    power of two commutes with rounding on normal numbers."""
+    m, _ = math.frexp(scaling)
+    if abs(m) != 0.5 or scaling == 1.0 or a.numel() == 0 or b.numel() == 0:
+        return False
+    amin, amax = _abs_range(a)
+    bmin, bmax = _abs_range(b)
+    if amax == 0.0 or bmax == 0.0:
+        return False
+    small, big = min(abs(scaling), 1.0), max(abs(scaling), 1.0)
+    no_subnormal = bmin * amin * small >= 2.0**-78 and bmin * small >= 2.0**-126
+    no_overflow = b.shape[-1] * bmax * amax * big <= 2.0**100 and bmax * big <= 2.0**100
+    return no_subnormal and no_overflow
+
+
+def _abs_range(t: torch.Tensor) -> tuple[float, float]:
+    """The smallest nonzero and the largest magnitude in ``t`` (inf, 0 when all zero)."""
+    mag = t.abs()
+    big = float(mag.max())
+    small = float(torch.where(mag > 0, mag, torch.full_like(mag, math.inf)).min())
+    return small, big
 
 
 def apply_lowrank(w: torch.Tensor, delta: torch.Tensor, weight: float, round_to: torch.dtype | None) -> torch.Tensor:

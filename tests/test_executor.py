@@ -234,3 +234,64 @@ def test_a_base_larger_than_half_the_ram_leaves_the_page_cache_as_it_is_merged(t
     assert {p for p, _, a in dropped if a == os.POSIX_FADV_DONTNEED} == {str((base / "model.safetensors").resolve())}
     assert sum(n for _, n, _ in dropped) >= 0.99 * rep.total_size  # every merged tensor's pages
     assert (tmp_path / "out/model.safetensors").read_bytes() == (tmp_path / "ref/model.safetensors").read_bytes()
+
+
+def test_scaling_fold_guard_against_torch():
+    """``(B * s) @ A`` against ``(B @ A) * s`` in torch's own fp32 matmul: wherever the guard allows the
+    fold the two are bit-identical (random factors over a wide range of magnitudes), and it refuses
+    the cases where they differ (subnormal products) or cannot be exact (s not a power of two)."""
+    from streammerge.lora import scaling_folds_exactly
+
+    g = torch.Generator().manual_seed(7)
+    allowed = 0
+    for trial in range(300):
+        r = int(torch.randint(1, 33, (1,), generator=g))
+        exp_b, exp_a = (int(x) for x in torch.randint(-60, 20, (2,), generator=g))
+        b = torch.randn(67, r, generator=g) * 2.0**exp_b
+        a = torch.randn(r, 45, generator=g) * 2.0**exp_a
+        s = 2.0 ** int(torch.randint(-12, 12, (1,), generator=g))
+        if scaling_folds_exactly(a, b, s):
+            allowed += 1
+            assert torch.equal((b * s) @ a, (b @ a) * s), (trial, exp_b, exp_a, s)
+    assert allowed > 100
+    tiny, three = torch.tensor([[2.0**-149]]), torch.tensor([[3.0]])
+    assert not torch.equal((tiny * 0.5) @ three, (tiny @ three) * 0.5)  # where folding is wrong...
+    assert not scaling_folds_exactly(three, tiny, 0.5)  # ...it is refused
+    a, b = torch.randn(8, 30, generator=g) * 0.01, torch.randn(40, 8, generator=g) * 0.01
+    assert scaling_folds_exactly(a, b, 2.0) and scaling_folds_exactly(a, b, 0.25)
+    assert not scaling_folds_exactly(a, b, 1.0) and not scaling_folds_exactly(a, b, 16 / 8**0.5)
+    assert not scaling_folds_exactly(a, torch.zeros(40, 8), 2.0)
+
+
+@pytest.mark.parametrize("alpha", [4, 16, 64, 3])  # r=8: scaling 0.5, 2, 8 (folded) and 0.375 (not)
+def test_folded_scaling_is_bit_identical_to_scaling_each_delta(wide_pair, tmp_path, monkeypatch, alpha):
+    base, _ad, _t, lora = wide_pair
+    ad2 = tmp_path / "ad2"
+    ad2.mkdir()
+    save_file({k: v for k, v in lora.items() if ".conv." not in k}, ad2 / "adapter_model.safetensors")
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": alpha, "target_modules": ["up_proj", "embed_tokens"]}
+    (ad2 / "adapter_config.json").write_text(json.dumps(cfg))
+    streammerge.merge(base, ad2, tmp_path / "folded")
+    monkeypatch.setattr(execute_mod.Executor, "fold_scaling", False)
+    streammerge.merge(base, ad2, tmp_path / "plain")
+    assert (tmp_path / "folded/model.safetensors").read_bytes() == (tmp_path / "plain/model.safetensors").read_bytes()
+
+
+def test_overflow_in_one_late_tile_is_caught(wide_pair, tmp_path, monkeypatch):
+    """The finiteness of each tile is gathered and checked once per block: one overflowing row in the
+    15th of 16 tiles still fails the merge."""
+    from streammerge.errors import NonFiniteError
+
+    base, ad, _t, lora = wide_pair
+    key = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"
+    edited = {k: v for k, v in lora.items() if ".conv." not in k}
+    edited[key] = edited[key].clone()
+    edited[key][900] *= 1e38
+    ad2 = tmp_path / "ad2"
+    ad2.mkdir()
+    save_file(edited, ad2 / "adapter_model.safetensors")
+    (ad2 / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
+    monkeypatch.setattr(execute_mod, "TILE_BYTES", 64 * 4 * 320)
+    with pytest.raises(NonFiniteError, match="up_proj"):
+        streammerge.merge(base, ad2, tmp_path / "out", max_memory="1GiB")
+    assert not (tmp_path / "out").exists()
