@@ -179,9 +179,21 @@ class Executor:
                 prepared.append((u, self._adapter_tensor(u.values, "trainable tokens", dev), None, None))
         return rows_of, prepared
 
-    def blocks(self, job: TensorJob) -> Iterator[tuple[str, memoryview]]:
+    def direct_ok(self, job: TensorJob) -> bool:
+        """Whether the job's rows can be merged straight into a writer's staging buffer: the tiled
+        path (plain LoRA on a 2-D weight rounded to 16 bits) on the CPU."""
+        if job.is_copy or job.encoding is not None or self.device.type != "cpu" or len(job.shape) != 2:
+            return False
+        plain = all(isinstance(u, LowRank) and not u.transposed and not u.round_delta for u in job.updates)
+        return bool(job.updates) and plain and torch_dtype(job.dtype) in (torch.bfloat16, torch.float16)
+
+    def blocks(self, job: TensorJob, writer=None) -> Iterator[tuple[str, memoryview | int]]:
         """``(tensor name, bytes)`` of the job's output(s), in order. On an accelerator that runs out
-        of memory, the block is retried at half the rows, and at the smallest block on the CPU."""
+        of memory, the block is retried at half the rows, and at the smallest block on the CPU.
+
+        With ``writer`` (a job that is ``direct_ok``; the caller owns the writer meanwhile), the rows
+        are produced in the writer's staging buffer where it has room, else written to it, and each
+        item is ``(name, bytes written)``."""
         if job.is_copy:
             yield from self._copy(job.name, job.source)
             return
@@ -201,9 +213,10 @@ class Executor:
         r0 = 0
         while r0 < rows:
             r1 = min(rows, r0 + step)
+            dest = StagingDest(writer, job.name, out_dtype) if writer is not None else None
             try:
                 t = time.perf_counter()
-                out = self._merge_block(job, rows_of, prepared, r0, r1, rows, out_dtype)
+                out = self._merge_block(job, rows_of, prepared, r0, r1, rows, out_dtype, dest)
                 encoded = list(job.encoding.encode(job.name, out, self.ws, r0, rows)) if job.encoding else None
                 self.stage["merge"] += time.perf_counter() - t
             except torch.OutOfMemoryError:
@@ -211,7 +224,11 @@ class Executor:
                 rows_of, prepared = self._prepare(job, dev)
                 continue
             self.peak_anon = max(self.peak_anon, anon_bytes())
-            if encoded is not None:
+            if dest is not None:
+                if dest.rows < out.shape[0]:  # not tiled after all: the rest of the block as a copy
+                    writer.write(job.name, tensor_bytes(out[dest.rows :]))
+                yield job.name, out.numel() * out.element_size()
+            elif encoded is not None:
                 for name, t in encoded:
                     yield name, tensor_bytes(t)
             else:
@@ -239,8 +256,9 @@ class Executor:
         self.report.notes.append(f"{job.name}: {self.device.type} out of memory, merged on the CPU")
         return step, torch.device("cpu")
 
-    def _merge_block(self, job, rows_of, prepared, r0: int, r1: int, rows: int, out_dtype) -> torch.Tensor:
-        """Rows ``[r0, r1)`` of the merged tensor, rounded to ``out_dtype`` (a view of a work buffer)."""
+    def _merge_block(self, job, rows_of, prepared, r0: int, r1: int, rows: int, out_dtype, dest=None) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of the merged tensor, rounded to ``out_dtype`` (a view of a work buffer;
+        with ``dest``, the tiled path hands each tile to it instead)."""
         whole = r0 == 0 and r1 == rows
         shape = (r1 - r0, *job.shape[1:]) if len(job.shape) >= 2 else job.shape
         t = time.perf_counter()
@@ -255,7 +273,7 @@ class Executor:
         slot = self.ws.next_slot()
         if self._tileable(shape, prepared, out_dtype):
             self.stage["read" if formats.is_dense(job.source) else "dequant"] += time.perf_counter() - t
-            out, finite = self._merge_tiles(blk, prepared, r0, out_dtype, slot)
+            out, finite = self._merge_tiles(blk, prepared, r0, out_dtype, slot, dest)
             if not finite:
                 raise self._nonfinite(job, r0, r1)
             return out
@@ -287,11 +305,13 @@ class Executor:
         plain = all(isinstance(u, LowRank) and not u.transposed and not u.round_delta for u, *_ in prepared)
         return len(shape) == 2 and out_dtype != torch.float32 and bool(prepared) and plain
 
-    def _merge_tiles(self, blk: torch.Tensor, prepared: list, r0: int, out_dtype, slot: int):
+    def _merge_tiles(self, blk: torch.Tensor, prepared: list, r0: int, out_dtype, slot: int, dest=None):
         """The block in tiles of about ``TILE_BYTES`` of fp32 rows: widen, add each update, round, so that a
         tile's temporaries stay in the cache instead of streaming whole blocks through memory four times.
         The same operations on the same rows as the whole-block path (tiles start on multiples of
-        ``ROW_ALIGN``): the same bits. Returns the rounded block and whether it is finite."""
+        ``ROW_ALIGN``): the same bits. Returns the rounded block and whether it is finite. With ``dest``
+        each tile is rounded into the writer's staging buffer where it fits (no copy afterwards), else
+        into the block and written from there."""
         n, cols = blk.shape
         step = min(n, max(ROW_ALIGN, TILE_BYTES // (4 * cols) // ROW_ALIGN * ROW_ALIGN))
         out = self.ws.take(f"o{slot}", blk.shape, out_dtype, blk.device)
@@ -308,7 +328,10 @@ class Executor:
                 lora.apply_lowrank(
                     wt, lora.lowrank_delta(a, b[r0 + t0 : r0 + t1], u.scaling, False, out=dt), u.weight, None
                 )
-            out[t0:t1].copy_(wt)
+            target = dest.view(t1 - t0, cols) if dest is not None else None
+            (out[t0:t1] if target is None else target).copy_(wt)
+            if dest is not None:
+                dest.done(target, out[t0:t1])
             if check:
                 torch.aminmax(wt, out=(stats[i, 0], stats[i, 1]))
         return out, not check or finite_in(stats, out_dtype)
@@ -330,6 +353,28 @@ class Executor:
             delta = lora.lowrank_delta(a, b, u.scaling, u.embedding or u.fan_in_fan_out)
             return lora.dora_merge(w, delta, extra, u.fan_in_fan_out, u.embedding)
         return lora.replace_rows(w, r0, u.indices, a)  # RowReplace
+
+
+class StagingDest:
+    """Tiles of one output tensor rounded straight into a writer's ``O_DIRECT`` staging buffer
+    (``reserve``/``commit``); a tile that does not fit what is left of the buffer is rounded into the
+    work buffer and written (copied) instead. ``rows``: rows handed to the writer so far."""
+
+    def __init__(self, writer, name: str, dtype: torch.dtype):
+        self.writer, self.name, self.dtype = writer, name, dtype
+        self.size = torch.empty((), dtype=dtype).element_size()
+        self.rows = 0
+
+    def view(self, rows: int, cols: int) -> torch.Tensor | None:
+        mv = self.writer.reserve(self.name, rows * cols * self.size, self.size)
+        return None if mv is None else torch.frombuffer(mv, dtype=self.dtype).view(rows, cols)
+
+    def done(self, target: torch.Tensor | None, fallback: torch.Tensor) -> None:
+        if target is None:
+            self.writer.write(self.name, tensor_bytes(fallback))
+        else:
+            self.writer.commit(self.name, target.numel() * self.size)
+        self.rows += fallback.shape[0]
 
 
 def _apply_experts(u: ExpertDelta, a, b, w: torch.Tensor, r0: int, r1: int, out_dtype) -> torch.Tensor:

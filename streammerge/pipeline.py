@@ -64,6 +64,7 @@ class WriterThread:
             if item is None:
                 return
             if self.error is not None:
+                self.q.task_done()
                 continue
             fn, args = item
             t = time.perf_counter()
@@ -71,12 +72,20 @@ class WriterThread:
                 fn(*args)
             except BaseException as e:  # handed to the main thread
                 self.error = e
+            finally:
+                self.q.task_done()
             self.busy += time.perf_counter() - t
 
     def submit(self, fn: Callable, *args) -> None:
         if self.error is not None:
             raise self.error
         self.q.put((fn, args))
+
+    def drain(self) -> None:
+        """Wait until everything submitted so far has run."""
+        self.q.join()
+        if self.error is not None:
+            raise self.error
 
     def finish(self) -> None:
         self.q.put(None)
@@ -120,17 +129,26 @@ def run_shards(
             for job in shard.jobs:
                 ahead.advance(n_job)
                 n_job += 1
-                it = ex.blocks(job)
+                # merged straight into the writer's staging buffer on this thread (the writer thread
+                # first finishes what it has: the writer is this thread's meanwhile), or handed over
+                direct = getattr(writer, "direct", False) and ex.direct_ok(job)
+                if direct:
+                    wt.drain()
+                it = ex.blocks(job, writer if direct else None)
                 while True:
                     t = time.perf_counter()
                     item = next(it, None)
                     t_compute += time.perf_counter() - t
                     if item is None:
                         break
-                    wt.submit(writer.write, *item)
+                    if not direct:
+                        wt.submit(writer.write, *item)
                     if progress is not None:
-                        progress.update(item[1].nbytes)
-                wt.submit(reader.release, job.source)
+                        progress.update(item[1] if direct else item[1].nbytes)
+                if direct:
+                    reader.release(job.source)
+                else:
+                    wt.submit(reader.release, job.source)
             wt.submit(on_done, writer, shard.filename)
         wt.finish()
     except BaseException:

@@ -102,23 +102,23 @@ def test_interrupt_exits_130_and_resumes(llama_pair, tmp_path, monkeypatch, caps
     import streammerge.sinks.safetensors as run_mod
 
     base, ad = llama_pair
-    real = run_mod.ShardWriter.write
+    real = run_mod.ShardWriter._advance  # every byte written passes here
     calls = {"n": 0}
 
-    def boom(self, name, data):
-        real(self, name, data)
+    def boom(self, nbytes):
+        real(self, nbytes)
         calls["n"] += 1
         if calls["n"] == 12:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_mod.ShardWriter, "write", boom)
+    monkeypatch.setattr(run_mod.ShardWriter, "_advance", boom)
     out = tmp_path / "o"
     args = ["merge", str(base), str(ad), str(out), "-q", "--shard-size", "40KB"]
     assert main(args) == 130
     assert not out.exists()
     assert (tmp_path / ".o.streammerge-partial" / "journal.json").exists()
     assert "--resume" in capsys.readouterr().err
-    monkeypatch.setattr(run_mod.ShardWriter, "write", real)
+    monkeypatch.setattr(run_mod.ShardWriter, "_advance", real)
     assert main([*args, "--resume", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["resumed_shards"] >= 1

@@ -79,22 +79,22 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(mid_pair, tmp_pa
 
 def test_disk_full_is_clean_and_resumable(mid_pair, tmp_path, monkeypatch):
     base, ad, ref = mid_pair
-    real = run_mod.ShardWriter.write
+    real = run_mod.ShardWriter._advance  # every byte passes here, copied in or merged in place
     written = {"n": 0}
 
-    def enospc(self, name, data):
-        written["n"] += memoryview(data).nbytes
+    def enospc(self, nbytes):
+        written["n"] += nbytes
         if written["n"] > 60_000_000:
             raise OutputError(f"{self.path}: write failed: {os.strerror(errno.ENOSPC)}", hint="free some disk space")
-        real(self, name, data)
+        real(self, nbytes)
 
-    monkeypatch.setattr(run_mod.ShardWriter, "write", enospc)
+    monkeypatch.setattr(run_mod.ShardWriter, "_advance", enospc)
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="No space left"):
         streammerge.merge(base, ad, out, shard_size="12MB")
     assert not out.exists()
     assert (tmp_path / ".out.streammerge-partial" / "journal.json").exists()
-    monkeypatch.setattr(run_mod.ShardWriter, "write", real)
+    monkeypatch.setattr(run_mod.ShardWriter, "_advance", real)
     rep = streammerge.merge(base, ad, out, shard_size="12MB", resume=True)
     assert rep.resumed_shards >= 3
     assert _model_files(out) == _model_files(ref)
@@ -117,20 +117,20 @@ def test_real_oserror_enospc_is_an_output_error(tmp_path, llama_pair, monkeypatc
 
 def test_resume_refuses_changed_inputs_or_options(mid_pair, tmp_path, monkeypatch):
     base, ad, _ = mid_pair
-    real = run_mod.ShardWriter.write
+    real = run_mod.ShardWriter._advance
     n = {"c": 0}
 
-    def stop(self, name, data):
+    def stop(self, nbytes):
         n["c"] += 1
         if n["c"] == 30:
             raise KeyboardInterrupt
-        real(self, name, data)
+        real(self, nbytes)
 
-    monkeypatch.setattr(run_mod.ShardWriter, "write", stop)
+    monkeypatch.setattr(run_mod.ShardWriter, "_advance", stop)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         streammerge.merge(base, ad, out, shard_size="12MB")
-    monkeypatch.setattr(run_mod.ShardWriter, "write", real)
+    monkeypatch.setattr(run_mod.ShardWriter, "_advance", real)
     with pytest.raises(OutputError, match="cannot resume: the options"):
         streammerge.merge(base, ad, out, shard_size="12MB", dtype="fp32", resume=True)
     cfg = ad / "adapter_config.json"

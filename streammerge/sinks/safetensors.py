@@ -14,6 +14,8 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import OutputError
 from ..source import DTYPES, numel
 from ..version import __version__
@@ -51,16 +53,19 @@ def build_header(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[s
 
 class DirectFile:
     """A write-only file written with ``O_DIRECT``, past the page cache: bytes are gathered in two
-    page-aligned staging buffers; while one fills, an I/O thread writes the other to the disk in one
-    large aligned write. The last partial block is written after ``O_DIRECT`` is cleared. ``open``
-    returns None where the filesystem refuses ``O_DIRECT`` (tmpfs, some FUSE); the caller then
-    writes buffered."""
+    page-aligned staging buffers; while one fills, an I/O thread hashes the other (``digest``) and
+    writes it to the disk in one large aligned write. The last partial block is written after
+    ``O_DIRECT`` is cleared. ``open`` returns None where the filesystem refuses ``O_DIRECT`` (tmpfs,
+    some FUSE); the caller then writes buffered. Bytes arrive by ``write`` (copied in) or are produced
+    in place: ``reserve`` lends the next free part of a staging buffer, ``commit`` appends it."""
 
-    def __init__(self, fd: int, stage_bytes: int = STAGE_BYTES):
+    def __init__(self, fd: int, stage_bytes: int = STAGE_BYTES, digest: Digest | None = None):
         half = max(DIRECT_ALIGN, stage_bytes // 2 // DIRECT_ALIGN * DIRECT_ALIGN)
         self._fd = fd
+        self._digest = digest
         self._bufs = [mmap.mmap(-1, half) for _ in range(2)]
         self._mvs = [memoryview(b) for b in self._bufs]
+        self._arrs = [np.frombuffer(b, dtype=np.uint8) for b in self._bufs]
         self._cur = 0
         self._fill = 0
         self._direct = True
@@ -68,7 +73,7 @@ class DirectFile:
         self._io = ThreadPoolExecutor(1, thread_name_prefix="streammerge-io")
 
     @classmethod
-    def open(cls, path: Path, stage_bytes: int = STAGE_BYTES) -> DirectFile | None:
+    def open(cls, path: Path, stage_bytes: int = STAGE_BYTES, digest: Digest | None = None) -> DirectFile | None:
         if not hasattr(os, "O_DIRECT"):
             return None
         try:
@@ -78,7 +83,7 @@ class DirectFile:
                 return None
             raise
         try:
-            return cls(fd, stage_bytes)
+            return cls(fd, stage_bytes, digest)
         except BaseException:
             os.close(fd)
             raise
@@ -88,18 +93,33 @@ class DirectFile:
 
     def write(self, data) -> None:
         mv = memoryview(data).cast("B")
+        src = np.frombuffer(mv, dtype=np.uint8)
         off = 0
         while off < mv.nbytes:
-            buf = self._mvs[self._cur]
-            k = min(mv.nbytes - off, len(buf) - self._fill)
-            buf[self._fill : self._fill + k] = mv[off : off + k]
-            self._fill += k
+            k = min(mv.nbytes - off, len(self._mvs[self._cur]) - self._fill)
+            # numpy copies without the GIL (a memoryview slice assignment holds it for the whole memcpy,
+            # stalling the merging thread between its torch calls)
+            np.copyto(self._arrs[self._cur][self._fill : self._fill + k], src[off : off + k])
             off += k
-            if self._fill == len(buf):
-                self._wait()
-                self._pending = self._io.submit(self._write_all, buf)
-                self._cur ^= 1
-                self._fill = 0
+            self.commit(k)
+
+    def reserve(self, n: int, align: int = 1) -> memoryview | None:
+        """The next ``n`` bytes of the staging buffer, to be filled in place and then ``commit``-ted;
+        None when fewer than ``n`` are left in it or its fill is not a multiple of ``align``."""
+        buf = self._mvs[self._cur]
+        if len(buf) - self._fill < n or self._fill % align:
+            return None
+        return buf[self._fill : self._fill + n]
+
+    def commit(self, k: int) -> None:
+        """``k`` more bytes of the staging buffer are filled: when it is full, it goes to the disk."""
+        self._fill += k
+        buf = self._mvs[self._cur]
+        if self._fill == len(buf):
+            self._wait()
+            self._pending = self._io.submit(self._write_all, buf)
+            self._cur ^= 1
+            self._fill = 0
 
     def _wait(self) -> None:
         """Let the write in flight finish (and raise its error, if it failed)."""
@@ -108,6 +128,8 @@ class DirectFile:
             pending.result()
 
     def _write_all(self, mv: memoryview) -> None:
+        if self._digest is not None:
+            self._digest.update(mv)
         done = 0
         while done < len(mv):
             try:
@@ -147,6 +169,7 @@ class DirectFile:
             return
         fd, self._fd = self._fd, -1
         self._io.shutdown(wait=True)  # the I/O thread may still be reading a buffer
+        self._arrs = []  # numpy's views hold exports of the buffers
         try:
             for mv, b in zip(self._mvs, self._bufs, strict=True):
                 try:
@@ -183,12 +206,14 @@ class ShardWriter:
         header = head if head is not None else build_header(specs, metadata)
         self._algo = checksum
         self._hash = Digest(checksum)
-        self._hash.update(header)
         self._raw = None
         try:
-            direct_file = DirectFile.open(self.path, stage_bytes) if direct and zstd_level is None else None
+            # an O_DIRECT file hashes its staging buffers on its I/O thread, as they go to the disk
+            direct_file = DirectFile.open(self.path, stage_bytes, self._hash) if direct and zstd_level is None else None
             self.direct = direct_file is not None
             self._f = direct_file or open(self.path, "wb")  # noqa: SIM115 - held open across write() calls
+            if not self.direct:
+                self._hash.update(header)
             if zstd_level is not None:
                 import zstandard
 
@@ -207,25 +232,49 @@ class ShardWriter:
             self._i += 1
             self._left = self._specs[self._i][1] if self._i < len(self._specs) else 0
 
-    def write(self, name: str, data) -> None:
-        """Append bytes (any buffer: bytes, memoryview, numpy array) belonging to tensor ``name``."""
+    def _expect(self, name: str, nbytes: int) -> None:
+        """Bytes for ``name`` are next, and no more than it has left."""
         if self._i >= len(self._specs) or self._specs[self._i][0] != name:
             expected = self._specs[self._i][0] if self._i < len(self._specs) else "nothing"
             raise OutputError(f"{self.path}: writer got bytes for {name!r}, expected {expected!r}")
-        mv = memoryview(data).cast("B")
-        if mv.nbytes > self._left:
-            raise OutputError(f"{self.path}: {name!r} got {mv.nbytes} bytes, only {self._left} left to write")
-        try:
-            self._f.write(mv)
-        except OSError as e:
-            raise io_error(self.path, e) from e
-        self._hash.update(mv)
-        self._left -= mv.nbytes
-        self.bytes_written += mv.nbytes
+        if nbytes > self._left:
+            raise OutputError(f"{self.path}: {name!r} got {nbytes} bytes, only {self._left} left to write")
+
+    def _advance(self, nbytes: int) -> None:
+        self._left -= nbytes
+        self.bytes_written += nbytes
         if self._left == 0:
             self._i += 1
             self._left = self._specs[self._i][1] if self._i < len(self._specs) else 0
             self._skip_empty()
+
+    def write(self, name: str, data) -> None:
+        """Append bytes (any buffer: bytes, memoryview, numpy array) belonging to tensor ``name``."""
+        mv = memoryview(data).cast("B")
+        self._expect(name, mv.nbytes)
+        try:
+            self._f.write(mv)
+        except OSError as e:
+            raise io_error(self.path, e) from e
+        if not self.direct:
+            self._hash.update(mv)
+        self._advance(mv.nbytes)
+
+    def reserve(self, name: str, nbytes: int, align: int = 1) -> memoryview | None:
+        """Where the next ``nbytes`` of ``name`` can be produced in place (the ``O_DIRECT`` staging
+        buffer), to be ``commit``-ted; None when that is not possible (not ``O_DIRECT``, the staging
+        buffer has less room left, or its fill is not a multiple of ``align``): then ``write`` them."""
+        self._expect(name, nbytes)
+        return self._f.reserve(nbytes, align) if self.direct else None
+
+    def commit(self, name: str, nbytes: int) -> None:
+        """The ``nbytes`` lent by ``reserve`` are filled."""
+        self._expect(name, nbytes)
+        try:
+            self._f.commit(nbytes)
+        except OSError as e:
+            raise io_error(self.path, e) from e
+        self._advance(nbytes)
 
     def close(self) -> None:
         """Check completeness, flush and fsync."""
