@@ -151,8 +151,7 @@ def _gguf_layout(plan: MergePlan, aux: dict, out: Path, opts):
 
 
 def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume, t0, dist, layout=None) -> None:
-    from .execute import Executor  # torch: not needed to plan
-    from .pipeline import progress_bar, run_shards
+    from .pipeline import LazyExecutor, progress_bar, run_shards
 
     work, journal, done = open_run(out, fingerprint(ckpt, ads, plan, report.options), resume)
     shards = plan.shards if layout is None else (layout.shard(),)
@@ -168,7 +167,7 @@ def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, res
             stage["compute"] = stage["merge"]
             ws_bytes, peak = stats["work_buffer_bytes"], stats["peak_anon"]
         else:
-            ex = Executor(reader, opts, dev, report)
+            ex = LazyExecutor(reader, lambda: _executor(reader, opts, dev, report))
             with progress_bar(sum(s.nbytes for s in shards), progress) as bar:
                 bar.update(sum(s.nbytes for s in shards if s.filename in done))
 
@@ -178,7 +177,7 @@ def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, res
 
                 opener = layout.open_writer if layout is not None else None
                 stage = run_shards(todo, ex, work, opts, record, bar, opener)
-            ws_bytes, peak = ex.ws.nbytes, ex.peak_anon
+            ws_bytes, peak = ex.ex.ws.nbytes, ex.ex.peak_anon
         if layout is not None:
             from .sinks.gguf import finish_gguf
 
@@ -188,6 +187,15 @@ def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, res
     except BaseException as e:
         _keep_or_discard(work, e)
         raise
+
+
+def _executor(reader, opts, device, report):
+    """The block executor on ``device`` (a name is resolved now: this imports torch)."""
+    from .execute import Executor
+
+    dev = resolve_device(device) if isinstance(device, str) else device
+    report.device = str(dev)
+    return Executor(reader, opts, dev, report)
 
 
 def adapter_specs(adapter, adapters) -> list[tuple[str, float]]:
@@ -259,9 +267,11 @@ def merge(
         check_output(out, [base] + [Path(a.path) for a in ads], overwrite)
         aux = aux_files(base, ads, ckpt)
         by_path = {str(r.path): r for r, _ in sources}
-        # a plan, a dry run and the lora method need no torch: the device is resolved (importing it) only
-        # for a merge, so that the command line's background import of torch overlaps the planning
-        dev = device if dry_run or save_method == "lora" else resolve_device(device)
+        # a plan, a dry run and the lora method need no torch: the device is resolved (importing it) when
+        # the first tensor needs arithmetic, so that the command line's background import of torch
+        # overlaps the planning and the pass-through tensors in front; an explicit cuda is checked now
+        eager = not dry_run and save_method != "lora" and device not in ("auto", "cpu")
+        dev = resolve_device(device) if eager else device
         layout = _gguf_layout(plan, aux, out, opts) if save_method == "gguf" else None
         report = new_report(rbase.spec, ads, out, opts, plan, dev, dry_run, by_path)
         if layout is not None:

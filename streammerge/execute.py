@@ -19,15 +19,13 @@ from . import formats, lora
 from .errors import NonFiniteError, OutputError
 from .experts import ExpertDelta
 from .match import BiasDelta, Dora, LowRank
-from .options import MergeOptions
+from .options import WRITE_QUEUE, MergeOptions
 from .plan import TensorJob
 from .report import MergeReport, anon_bytes
 from .sinks.safetensors import staging_bytes
 from .source import DTYPES, Reader, TensorRef, numel, tensor_bytes, torch_dtype
 
 CPU = torch.device("cpu")
-COPY_CHUNK = 64 * 1024 * 1024
-WRITE_QUEUE = 1  # blocks queued for the writer thread; work buffers rotate through WRITE_QUEUE + 2 slots
 ROW_ALIGN = 64
 COL_ALIGN = 256
 TILE_BYTES = 1 << 20  # fp32 rows merged at a time within a block: about the size of a core's L2 cache
@@ -236,8 +234,8 @@ class Executor:
             r0 = r1
 
     def _copy(self, name: str, ref: TensorRef) -> Iterator[tuple[str, memoryview]]:
-        for off in range(0, ref.nbytes, COPY_CHUNK):
-            yield name, self.reader.raw(ref, off, min(COPY_CHUNK, ref.nbytes - off))
+        for mv in self.reader.chunks(ref):
+            yield name, mv
 
     def _after_oom(self, job: TensorJob, dev: torch.device, step: int, rows: int) -> tuple[int, torch.device]:
         """The block size and device to retry with after an out-of-memory error."""

@@ -20,6 +20,7 @@ SAVE_METHODS = ("merged_16bit", "merged_4bit", "merged_fp8", "mxfp4", "gguf", "l
 DEFAULT_MAX_MEMORY = "128MiB"
 CHECKSUMS = ("xxh3", "crc32", "sha256")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+WRITE_QUEUE = 1  # blocks queued for the writer thread; work buffers rotate through WRITE_QUEUE + 2 slots
 
 
 @dataclass(frozen=True)

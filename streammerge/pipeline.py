@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from .execute import WRITE_QUEUE, Executor
-from .plan import ShardPlan
+from .options import WRITE_QUEUE
+from .plan import ShardPlan, TensorJob
 from .sinks.safetensors import ShardWriter, open_shard_writer
 from .source import Reader, stored_refs
 
@@ -44,6 +44,35 @@ class Prefetcher:
 
 def _source_bytes(src) -> int:
     return 0 if src is None else sum(r.nbytes for r in stored_refs(src))
+
+
+class LazyExecutor:
+    """The executor, built by ``build`` (which imports torch) only when the first job needs arithmetic:
+    pass-through tensors in front of it are copied meanwhile, so that on the command line torch's
+    import, started on a background thread, overlaps writing them as well as the planning."""
+
+    def __init__(self, reader: Reader, build: Callable):
+        self.reader = reader
+        self._build = build
+        self.built = None
+
+    @property
+    def ex(self):
+        if self.built is None:
+            self.built = self._build()
+        return self.built
+
+    def direct_ok(self, job: TensorJob) -> bool:
+        return not job.is_copy and self.ex.direct_ok(job)
+
+    def blocks(self, job: TensorJob, writer=None):
+        if job.is_copy:
+            return ((job.name, mv) for mv in self.reader.chunks(job.source))
+        return self.ex.blocks(job, writer)
+
+    @property
+    def stage(self) -> dict:
+        return self.built.stage if self.built is not None else {"read": 0.0, "dequant": 0.0, "merge": 0.0}
 
 
 class WriterThread:
@@ -105,17 +134,18 @@ class WriterThread:
 
 def run_shards(
     shards: list[ShardPlan],
-    ex: Executor,
+    ex,
     work,
     opts,
     on_done: Callable[[ShardWriter, str], None],
     progress=None,
     open_writer: Callable | None = None,
 ) -> dict:
-    """Merge ``shards`` into files under ``work``: blocks computed on this thread, written on the
-    writer thread; ``on_done(writer, filename)`` runs there once a shard is complete. Returns the
-    stage timings (``write``: the writer thread's busy time; ``compute``: time spent in the executor).
-    ``open_writer(path, shard, opts)``: another file format's writer (default: safetensors shards)."""
+    """Merge ``shards`` into files under ``work``: blocks computed on this thread by ``ex`` (an
+    ``Executor`` or a ``LazyExecutor``), written on the writer thread; ``on_done(writer, filename)``
+    runs there once a shard is complete. Returns the stage timings (``write``: the writer thread's
+    busy time; ``compute``: time spent in the executor). ``open_writer(path, shard, opts)``: another
+    file format's writer (default: safetensors shards)."""
     reader = ex.reader
     wt = WriterThread()
     writers: list[ShardWriter] = []

@@ -32,6 +32,8 @@ from .header import (
     torch_dtype,
 )
 
+COPY_CHUNK = 64 * 1024 * 1024  # bytes of a pass-through tensor handed to the writer at a time
+
 __all__ = [
     "CONFIG_DTYPE_NAME",
     "DTYPES",
@@ -241,6 +243,11 @@ class Reader:
         if ARCHIVE_SEP in ref.file or is_zst(ref.file):
             return self._zst_tensor_bytes(ref)[start : start + length]
         return memoryview(self._map(ref.file))[ref.offset + start : ref.offset + start + length]
+
+    def chunks(self, ref: TensorRef, chunk: int = COPY_CHUNK):
+        """A tensor's stored bytes as views of the map, ``chunk`` bytes at a time (for pass-through)."""
+        for off in range(0, ref.nbytes, chunk):
+            yield self.raw(ref, off, min(chunk, ref.nbytes - off))
 
     def _zst_tensor_bytes(self, ref: TensorRef) -> memoryview:
         key = ref.file.split(ARCHIVE_SEP, 1)[0]

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import streammerge
 from streammerge import __version__
 from streammerge.cli import main
 
@@ -143,3 +144,35 @@ def test_version_inspect_and_dry_run_do_not_import_torch(tmp_path):
         code = f"import sys; from streammerge.cli import main; main({args!r}); print('torch' in sys.modules)"
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert proc.stdout.strip().splitlines()[-1] == "False", (args, proc.stdout[-500:], proc.stderr[-2000:])
+
+
+def test_pass_through_tensors_are_written_before_torch_is_needed(llama_pair, tmp_path, monkeypatch):
+    """The executor (and torch with it) is built when the first tensor needs arithmetic: the untouched
+    tensors in front of it are handed to the writer first, overlapping torch's background import."""
+    import streammerge.api as api_mod
+    import streammerge.sinks.safetensors as st
+
+    base, ad = llama_pair
+    events = []
+    build, advance = api_mod._executor, st.ShardWriter._advance
+    monkeypatch.setattr(api_mod, "_executor", lambda *a: events.append("executor") or build(*a))
+    monkeypatch.setattr(
+        st.ShardWriter, "_advance", lambda self, n: events.append(self._specs[self._i][0]) or advance(self, n)
+    )
+    rep = streammerge.merge(base, ad, tmp_path / "o")
+    first = events.index("executor")
+    assert first > 0  # the fixture's adapter targets q_proj, v_proj and down_proj: these are untouched
+    assert not any(m in name for name in events[:first] for m in ("q_proj", "v_proj", "down_proj"))
+    assert events.count("executor") == 1 and rep.device == "cpu"
+
+
+def test_command_line_output_is_byte_identical_to_the_api(llama_pair, tmp_path):
+    """The command line (torch imported on a background thread, pass-through tensors written before it
+    is needed) against the API in a process that has torch already: the same files."""
+    base, ad = llama_pair
+    run("merge", base, ad, tmp_path / "cli", "-q", "--shard-size", "40KB", check_rc=0)
+    streammerge.merge(base, ad, tmp_path / "api", shard_size="40KB")
+    names = sorted(p.name for p in (tmp_path / "api").glob("model*"))
+    assert len(names) > 2 and names == sorted(p.name for p in (tmp_path / "cli").glob("model*"))
+    for n in names:
+        assert (tmp_path / "cli" / n).read_bytes() == (tmp_path / "api" / n).read_bytes(), n
