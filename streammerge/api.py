@@ -159,6 +159,7 @@ def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, res
     report.resumed_shards = len(shards) - len(todo)
     try:
         if dist is not None:
+            report.device = str(resolve_device(dev) if isinstance(dev, str) else dev)
             specs = [(a.path, a.weight) for a in ads]
             stats = distributed.run_distributed(plan, todo, ckpt.path, specs, opts, work, journal, *dist, log)
             report.warnings += stats["warnings"]
