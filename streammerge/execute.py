@@ -180,10 +180,9 @@ class Executor:
     def direct_ok(self, job: TensorJob) -> bool:
         """Whether the job's rows can be merged straight into a writer's staging buffer: the tiled
         path (plain LoRA on a 2-D weight rounded to 16 bits) on the CPU."""
-        if job.is_copy or job.encoding is not None or self.device.type != "cpu" or len(job.shape) != 2:
+        if job.is_copy or job.encoding is not None or self.device.type != "cpu":
             return False
-        plain = all(isinstance(u, LowRank) and not u.transposed and not u.round_delta for u in job.updates)
-        return bool(job.updates) and plain and torch_dtype(job.dtype) in (torch.bfloat16, torch.float16)
+        return self._tileable(job.shape, [(u,) for u in job.updates], torch_dtype(job.dtype))
 
     def blocks(self, job: TensorJob, writer=None) -> Iterator[tuple[str, memoryview | int]]:
         """``(tensor name, bytes)`` of the job's output(s), in order. On an accelerator that runs out
@@ -301,7 +300,7 @@ class Executor:
     def _tileable(shape: tuple[int, ...], prepared: list, out_dtype) -> bool:
         """Plain LoRA on a 2-D weight rounded to 16 bits: the common case, merged in L2-sized tiles."""
         plain = all(isinstance(u, LowRank) and not u.transposed and not u.round_delta for u, *_ in prepared)
-        return len(shape) == 2 and out_dtype != torch.float32 and bool(prepared) and plain
+        return len(shape) == 2 and out_dtype in (torch.bfloat16, torch.float16) and bool(prepared) and plain
 
     def _merge_tiles(self, blk: torch.Tensor, prepared: list, r0: int, out_dtype, slot: int, dest=None):
         """The block in tiles of about ``TILE_BYTES`` of fp32 rows: widen, add each update, round, so that a
@@ -360,7 +359,7 @@ class StagingDest:
 
     def __init__(self, writer, name: str, dtype: torch.dtype):
         self.writer, self.name, self.dtype = writer, name, dtype
-        self.size = torch.empty((), dtype=dtype).element_size()
+        self.size = dtype.itemsize
         self.rows = 0
 
     def view(self, rows: int, cols: int) -> torch.Tensor | None:

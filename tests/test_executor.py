@@ -50,6 +50,22 @@ def wide_pair(tmp_path_factory):
     return base, ad, t, lora
 
 
+def _no_conv(lora: dict) -> dict:
+    """The wide fixture's adapter without its [in, out] conv module (which needs fan_in_fan_out)."""
+    return {k: v for k, v in lora.items() if ".conv." not in k}
+
+
+def _adapter_dir(root, tensors: dict, cfg, name: str = "ad2"):
+    """An adapter directory under ``root``: ``tensors`` and ``cfg`` (a dict, or a directory whose
+    adapter_config.json is reused)."""
+    d = root / name
+    d.mkdir()
+    save_file(tensors, d / "adapter_model.safetensors")
+    text = json.dumps(cfg) if isinstance(cfg, dict) else (cfg / "adapter_config.json").read_text()
+    (d / "adapter_config.json").write_text(text)
+    return d
+
+
 def _dense_reference(t, lora):
     """PEFT's formulas on whole tensors."""
     s = 2.0
@@ -68,11 +84,8 @@ def _dense_reference(t, lora):
 
 def test_blocks_and_budgets_are_bit_identical(wide_pair, tmp_path):
     base, ad, t, lora = wide_pair
-    lora_no_conv = {k: v for k, v in lora.items() if ".conv." not in k}
-    ad2 = tmp_path / "ad2"
-    ad2.mkdir()
-    save_file(lora_no_conv, ad2 / "adapter_model.safetensors")
-    (ad2 / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
+    lora_no_conv = _no_conv(lora)
+    ad2 = _adapter_dir(tmp_path, lora_no_conv, ad)
     ref = _dense_reference(t, lora)
     outs = {}
     for budget in (1, "1MiB", "16MiB", "1GiB"):
@@ -90,10 +103,7 @@ def test_tiles_are_bit_identical_to_whole_blocks(wide_pair, tmp_path, monkeypatc
     """The L2-sized tiles (64 rows of the [1000, 320] weight here) against one tile per block, and both
     against the dense reference."""
     base, ad, t, lora = wide_pair
-    ad2 = tmp_path / "ad2"
-    ad2.mkdir()
-    save_file({k: v for k, v in lora.items() if ".conv." not in k}, ad2 / "adapter_model.safetensors")
-    (ad2 / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
+    ad2 = _adapter_dir(tmp_path, _no_conv(lora), ad)
     monkeypatch.setattr(execute_mod, "TILE_BYTES", tile)
     calls = []
     real = execute_mod.Executor._merge_tiles
@@ -107,12 +117,9 @@ def test_tiles_are_bit_identical_to_whole_blocks(wide_pair, tmp_path, monkeypatc
 
 def test_fan_in_fan_out_column_blocks(wide_pair, tmp_path):
     base, _ad, t, lora = wide_pair
-    ad3 = tmp_path / "ad3"
-    ad3.mkdir()
     p = "base_model.model.model.layers.0.mlp.conv"
-    save_file({k: v for k, v in lora.items() if k.startswith(p)}, ad3 / "adapter_model.safetensors")
     cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "fan_in_fan_out": True, "target_modules": ["conv"]}
-    (ad3 / "adapter_config.json").write_text(json.dumps(cfg))
+    ad3 = _adapter_dir(tmp_path, {k: v for k, v in lora.items() if k.startswith(p)}, cfg, "ad3")
     want = (
         t["model.layers.0.mlp.conv.weight"].float() + (lora[f"{p}.lora_B.weight"] @ lora[f"{p}.lora_A.weight"]).T * 2.0
     ).to(torch.bfloat16)
@@ -126,10 +133,7 @@ def test_accelerator_oom_halves_blocks_then_falls_back_to_cpu(wide_pair, tmp_pat
     """Simulated: blocks on a non-CPU device fail with OutOfMemoryError until they are small, then
     always; the result must equal the plain CPU merge bit for bit."""
     base, ad, _t, lora = wide_pair
-    ad2 = tmp_path / "ad2"
-    ad2.mkdir()
-    save_file({k: v for k, v in lora.items() if ".conv." not in k}, ad2 / "adapter_model.safetensors")
-    (ad2 / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
+    ad2 = _adapter_dir(tmp_path, _no_conv(lora), ad)
     plain = tmp_path / "plain"
     streammerge.merge(base, ad2, plain)
     real = execute_mod.Executor._merge_block
@@ -153,10 +157,7 @@ def test_accelerator_oom_halves_blocks_then_falls_back_to_cpu(wide_pair, tmp_pat
 
 def test_stage_timings_reported(wide_pair, tmp_path):
     base, ad, _, lora = wide_pair
-    ad2 = tmp_path / "ad2"
-    ad2.mkdir()
-    save_file({k: v for k, v in lora.items() if ".conv." not in k}, ad2 / "adapter_model.safetensors")
-    (ad2 / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
+    ad2 = _adapter_dir(tmp_path, _no_conv(lora), ad)
     rep = streammerge.merge(base, ad2, tmp_path / "o")
     assert {"read", "dequant", "merge", "write", "total"} <= set(rep.seconds)
     assert all(v >= 0 for v in rep.seconds.values())
@@ -216,7 +217,7 @@ def test_a_base_larger_than_half_the_ram_leaves_the_page_cache_as_it_is_merged(t
     base, _, _, lora = wide_pair
     ad = tmp_path / "ad"
     ad.mkdir()
-    save_file({k: v for k, v in lora.items() if ".conv." not in k}, ad / "adapter_model.safetensors")
+    save_file(_no_conv(lora), ad / "adapter_model.safetensors")
     cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["up_proj", "embed_tokens"]}
     (ad / "adapter_config.json").write_text(json.dumps(cfg))
     ref = streammerge.merge(base, ad, tmp_path / "ref", progress=False)
@@ -266,11 +267,8 @@ def test_scaling_fold_guard_against_torch():
 @pytest.mark.parametrize("alpha", [4, 16, 64, 3])  # r=8: scaling 0.5, 2, 8 (folded) and 0.375 (not)
 def test_folded_scaling_is_bit_identical_to_scaling_each_delta(wide_pair, tmp_path, monkeypatch, alpha):
     base, _ad, _t, lora = wide_pair
-    ad2 = tmp_path / "ad2"
-    ad2.mkdir()
-    save_file({k: v for k, v in lora.items() if ".conv." not in k}, ad2 / "adapter_model.safetensors")
     cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": alpha, "target_modules": ["up_proj", "embed_tokens"]}
-    (ad2 / "adapter_config.json").write_text(json.dumps(cfg))
+    ad2 = _adapter_dir(tmp_path, _no_conv(lora), cfg)
     streammerge.merge(base, ad2, tmp_path / "folded")
     monkeypatch.setattr(execute_mod.Executor, "fold_scaling", False)
     streammerge.merge(base, ad2, tmp_path / "plain")
@@ -284,13 +282,10 @@ def test_overflow_in_one_late_tile_is_caught(wide_pair, tmp_path, monkeypatch):
 
     base, ad, _t, lora = wide_pair
     key = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"
-    edited = {k: v for k, v in lora.items() if ".conv." not in k}
+    edited = _no_conv(lora)
     edited[key] = edited[key].clone()
     edited[key][900] *= 1e38
-    ad2 = tmp_path / "ad2"
-    ad2.mkdir()
-    save_file(edited, ad2 / "adapter_model.safetensors")
-    (ad2 / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
+    ad2 = _adapter_dir(tmp_path, edited, ad)
     monkeypatch.setattr(execute_mod, "TILE_BYTES", 64 * 4 * 320)
     with pytest.raises(NonFiniteError, match="up_proj"):
         streammerge.merge(base, ad2, tmp_path / "out", max_memory="1GiB")
@@ -305,11 +300,8 @@ def test_merging_into_the_staging_buffer_is_byte_identical(wide_pair, tmp_path, 
     import streammerge.sinks.safetensors as st
 
     base, _ad, _t, lora = wide_pair
-    ad2 = tmp_path / "ad2"
-    ad2.mkdir()
-    save_file({k: v for k, v in lora.items() if ".conv." not in k}, ad2 / "adapter_model.safetensors")
     cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["up_proj", "embed_tokens"]}
-    (ad2 / "adapter_config.json").write_text(json.dumps(cfg))
+    ad2 = _adapter_dir(tmp_path, _no_conv(lora), cfg)
     seen = {"in_place": 0, "copied": 0}
     reserve = st.ShardWriter.reserve
 
