@@ -325,3 +325,26 @@ def test_merging_into_the_staging_buffer_is_byte_identical(wide_pair, tmp_path, 
         assert data == (tmp_path / "slow" / n).read_bytes() == (tmp_path / "buf" / n).read_bytes(), n
     sums = [[s["checksum"] for s in r.shards] for r in (fast, slow, buffered)]
     assert sums[0] == sums[1] == sums[2]
+
+
+def test_fast_paths_on_a_peft_adapter_are_byte_identical(llama_pair, tmp_path, monkeypatch):
+    """On a transformers base and a PEFT-saved adapter (scaling 2: folded), with small staging buffers
+    (many of them per shard): merged in place with the folded scaling, against neither. (Tiles that
+    straddle a buffer's end are exercised on the wide fixture above.)"""
+    import streammerge.sinks.safetensors as st
+
+    base, ad = llama_pair
+    commits = []
+    commit = st.ShardWriter.commit
+    monkeypatch.setattr(st.ShardWriter, "commit", lambda self, n, k: commits.append(k) or commit(self, n, k))
+    fast = streammerge.merge(base, ad, tmp_path / "fast", max_memory="1MiB", shard_size="40KB")
+    monkeypatch.setattr(execute_mod.Executor, "direct_ok", lambda self, job: False)
+    monkeypatch.setattr(execute_mod.Executor, "fold_scaling", False)
+    slow = streammerge.merge(base, ad, tmp_path / "slow", max_memory="1MiB", shard_size="40KB")
+    if not commits:
+        pytest.skip("this filesystem refuses O_DIRECT: no staging buffer to merge into")
+    names = sorted(p.name for p in (tmp_path / "fast").glob("model*.safetensors"))
+    assert len(names) > 1
+    for n in names:
+        assert (tmp_path / "fast" / n).read_bytes() == (tmp_path / "slow" / n).read_bytes(), n
+    assert [s["checksum"] for s in fast.shards] == [s["checksum"] for s in slow.shards]
