@@ -116,6 +116,14 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def _positive(v, integer: bool = False) -> bool:
+    """A JSON number PEFT can use as a rank (``integer``) or an alpha: positive and finite (JSON from
+    Python may hold NaN and Infinity, which the json module reads without complaint)."""
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+        return False
+    return math.isfinite(v) and v > 0
+
+
 def _check_config(cfg: dict, path: Path) -> None:
     where = path / CONFIG_NAME
 
@@ -128,16 +136,18 @@ def _check_config(cfg: dict, path: Path) -> None:
             f"adapter type {ptype!r} is not supported; streammerge merges LoRA adapters (peft_type LORA)",
             "merge other adapter types with PEFT's merge_and_unload",
         )
-    for key, typ in (("r", int), ("lora_alpha", (int, float))):
-        v = cfg.get(key)
-        if not isinstance(v, typ) or isinstance(v, bool) or v <= 0:
-            fail(f"{key!r} must be a positive number, found {v!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
+    if not _positive(cfg.get("r"), integer=True):
+        fail(f"'r' must be a positive integer, found {cfg.get('r')!r}")
+    if not _positive(cfg.get("lora_alpha")):
+        fail(f"'lora_alpha' must be a positive finite number, found {cfg.get('lora_alpha')!r}")
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
         v = cfg.get(key) or {}
-        if not isinstance(v, dict) or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v.values()
-        ):
+        if not isinstance(v, dict):
             fail(f"{key!r} must map module patterns to positive numbers, found {v!r}")
+        for k, x in v.items():
+            if not _positive(x, integer):
+                what = "a positive integer" if integer else "a positive finite number"
+                fail(f"{key!r} entry {k!r} must be {what}, found {x!r}")
         for k in v:
             try:
                 re.compile(k)
@@ -376,6 +386,10 @@ def _is_tied_mirror(cfg: dict, module: str) -> bool:
 def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index an adapter directory; validate its config and group its keys per module."""
     adir = find_adapter_dir(Path(path))
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise AdapterError(
+            f"{adir}: adapter weight {weight!r} is not a finite number", hint="pass PATH:WEIGHT with e.g. 0.5"
+        )
     cfg = read_json(adir / CONFIG_NAME, CONFIG_NAME, AdapterError)
     _check_config(cfg, adir)
     wfile, refs = _load_weights(adir, reader)
@@ -458,6 +472,7 @@ def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapt
         ad.modules[module] = LoraModule(
             module, kind, a, b, r, alpha, scaling, fan_in_fan_out and kind == "linear", bias, magnitude
         )
+    _check_dora(ad, wfile)
     for ref in mirrors:
         twin = next((t.values for t in ad.tokens.values() if t.values.shape == ref.shape), None)
         if twin is None:
@@ -466,3 +481,29 @@ def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapt
     if not refs:
         raise AdapterError(f"{wfile}: holds no tensors")
     return ad
+
+
+def _check_dora(ad: Adapter, wfile: str) -> None:
+    """``use_dora`` and the saved magnitudes must agree: PEFT's DoRA layers need every magnitude (a missing
+    one would keep its initialisation), and without ``use_dora`` PEFT ignores saved magnitudes (a plain
+    LoRA merge), which means the file and its config disagree."""
+    dora = bool(ad.config.get("use_dora", False))
+    if dora:
+        missing = sorted(m for m, lm in ad.modules.items() if lm.magnitude is None)
+        if missing:
+            raise AdapterError(
+                f"{wfile}: adapter_config.json sets use_dora=true but {len(missing)} module(s) have no "
+                "lora_magnitude_vector",
+                details=missing,
+                hint="the adapter file is incomplete (PEFT would leave these magnitudes at their initialisation); "
+                "save it again with PEFT's save_pretrained",
+            )
+    else:
+        extra = sorted(m for m, lm in ad.modules.items() if lm.magnitude is not None)
+        if extra:
+            raise AdapterError(
+                f"{wfile}: {len(extra)} module(s) have a DoRA lora_magnitude_vector but adapter_config.json "
+                "sets use_dora=false (PEFT's loader would ignore the magnitudes)",
+                details=extra,
+                hint="set use_dora to true if this is a DoRA adapter, or remove the magnitudes",
+            )

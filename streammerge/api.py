@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import distributed, hub
 from .adapter import Adapter
-from .errors import InputError, OutputError
+from .errors import OutputError, StreamMergeError, UsageError
 from .options import DEFAULT_MAX_MEMORY, MergeOptions, make_options, resolve_device
 from .plan import MergePlan, plan_merge
 from .report import REPORT_NAME, MergeReport, anon_bytes, new_report
@@ -139,7 +139,11 @@ def _keep_or_discard(work: Path, e: BaseException) -> None:
     """Interrupted, I/O or output errors are resumable: keep the work directory (hidden, never mistaken
     for a model) and its journal; anything else discards it."""
     if isinstance(e, (KeyboardInterrupt, OutputError, OSError)):
-        log.error("partial output kept in %s; run the same command with --resume to continue", work)
+        kept = f"partial output kept in {work}; run the same command with --resume to continue"
+        if isinstance(e, StreamMergeError):  # said after the cause, which stays the first line
+            e.hint = f"{e.hint}; {kept}" if e.hint else kept
+        else:
+            e.add_note(kept)
     else:
         discard_work_dir(work)
 
@@ -252,9 +256,9 @@ def merge(
     t0 = time.perf_counter()
     specs = adapter_specs(adapter, adapters)
     if save_method == "lora" and (len(specs) != 1 or specs[0][1] != 1.0):
-        raise InputError("--save-method lora takes exactly one adapter, without a weight")
+        raise UsageError("--save-method lora takes exactly one adapter, without a weight")
     if push_to_hub and dry_run:
-        raise InputError("--push-to-hub with --dry-run: a dry run writes nothing to upload")
+        raise UsageError("--push-to-hub with --dry-run: a dry run writes nothing to upload")
     opts = make_options(
         dtype, shard_size, device, save_method, allow_nonfinite, max_memory, quant_type, blocksize, double_quant,
         compress, checksum, direct_io, gguf_type,
@@ -295,7 +299,7 @@ def merge(
         with OutputLock(out):
             dist = None if executor == "inprocess" else (executor, workers, address)
             if layout is not None and dist is not None:
-                raise InputError("--save-method gguf writes one file: use the in-process executor")
+                raise UsageError("--save-method gguf writes one file: use the in-process executor")
             _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume, t0, dist, layout)
         if push_to_hub:
             report.pushed_to = hub.push(out, push_to_hub, private, revision, report)

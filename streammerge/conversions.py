@@ -104,3 +104,22 @@ class ConversionMap:
         applied = to_module_tree(base, RULES[self.model_type])[1] if base else []
         how = "; ".join(applied) if applied else "unchanged"
         return f"transformers {TRANSFORMERS_VERSION} {self.model_type} key conversion: {how}"
+
+
+#: architectures that build GPT-2's ``Conv1D`` (weight stored [in, out]) for these module names; every
+#: other projection transformers builds is an ``nn.Linear`` (read from transformers 5's models, checked
+#: against the built models in the tests)
+CONV1D_MODULES = {
+    "gpt2": ("c_attn", "c_proj", "c_fc", "q_attn"),
+    "openai-gpt": ("c_attn", "c_proj", "c_fc"),
+    "imagegpt": ("c_attn", "c_proj", "c_fc", "q_attn"),
+    "decision_transformer": ("c_attn", "c_proj", "c_fc", "q_attn"),
+    "clvp": ("c_fc", "c_proj"),
+}
+
+
+def is_conv1d(model_type: str, module: str) -> bool:
+    """Whether transformers builds ``module`` of a ``model_type`` model as a ``Conv1D``: the only layer on
+    which PEFT honours ``fan_in_fan_out`` (on ``nn.Linear`` it warns and ignores it; on ``Conv1D`` it
+    sets it)."""
+    return module.rsplit(".", 1)[-1] in CONV1D_MODULES.get(model_type, ())

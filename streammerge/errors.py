@@ -30,6 +30,12 @@ class InputError(StreamMergeError):
     """The base checkpoint is missing, malformed or inconsistent."""
 
 
+class UsageError(InputError):
+    """Options that do not go together, or an unknown option value: a usage error (exit 2)."""
+
+    exit_code = 2
+
+
 class AdapterError(StreamMergeError):
     """The adapter is malformed, unsupported, or does not fit the base."""
 

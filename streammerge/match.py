@@ -10,13 +10,14 @@ adapter tensor must be used exactly once. Pure: headers and configs in, :class:`
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import experts
 from .adapter import Adapter, LoraModule
-from .conversions import ConversionMap
+from .conversions import ConversionMap, is_conv1d
 from .errors import AdapterError
 from .experts import ExpertDelta
 from .source import TensorRef
@@ -108,6 +109,7 @@ class Match:
     replaced: dict[str, tuple[Adapter, TensorRef]] = field(default_factory=dict)
     records: list[ModuleRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     untie: bool = False
 
 
@@ -238,6 +240,8 @@ class _Matcher:
         return None
 
     def adapter(self, ad: Adapter) -> None:
+        if ad.weight == 0:
+            self.match.warnings.append(f"{ad.label}: weight 0 merges nothing of this adapter")
         mods = list(ad.modules) + list(ad.tokens) + [module_of(n)[0] for n in ad.replacements] + list(ad.params)
         extra = [self.conversion] if self.conversion else []
         km = choose_keymap(mods, self.base_modules, {"lm_head"} if self.match.tied else set(), extra)
@@ -347,6 +351,7 @@ class _Matcher:
         )
         on_tie = [lm.kind for m, lm in ad.modules.items() if mt.tied and self.base_name(km, m) == mt.embed_key]
         both_sides = not mirrored_tie and "embedding" in on_tie and "linear" in on_tie
+        flips: dict[bool, list[str]] = {}
         for mod, lm in ad.modules.items():
             parts = [t.name for t in (lm.a, lm.b, lm.bias, lm.magnitude) if t]
             base = self.base_name(km, mod)
@@ -354,6 +359,7 @@ class _Matcher:
                 unmatched += parts
                 continue
             used.update(parts)
+            lm = self.layer_layout(lm, flips)
             if mirrored_tie and base == mt.embed_key and lm.kind == "linear":
                 mt.notes.append(
                     f"ensure_weight_tying: {mod} mirrors the tied embedding's LoRA; its update is applied once "
@@ -377,6 +383,28 @@ class _Matcher:
                     f"{mod}: tied to {mt.embed_key}; the LoRA update goes into that shared tensor, so it also "
                     "changes the input embedding (as in PEFT's merge_and_unload)"
                 )
+
+        self.fan_in_fan_out_warnings(ad, flips)
+
+    def layer_layout(self, lm: LoraModule, flips: dict[bool, list[str]]) -> LoraModule:
+        """PEFT honours ``fan_in_fan_out`` on GPT-2's ``Conv1D`` only: on an ``nn.Linear`` it warns and
+        sets it to false, on a ``Conv1D`` it warns and sets it to true. Do the same (``flips``: the
+        modules whose flag was overridden, by the value the config had)."""
+        if lm.kind != "linear":
+            return lm
+        conv = is_conv1d(self.model_type, lm.module)
+        if lm.fan_in_fan_out != conv:
+            flips.setdefault(lm.fan_in_fan_out, []).append(lm.module)
+            lm = dataclasses.replace(lm, fan_in_fan_out=conv)
+        return lm
+
+    def fan_in_fan_out_warnings(self, ad: Adapter, flips: dict[bool, list[str]]) -> None:
+        for was, mods in sorted(flips.items()):
+            layer, now = ("`torch.nn.Linear`", False) if was else ("`Conv1D`", True)
+            self.match.warnings.append(
+                f"{ad.path}: fan_in_fan_out is set to {was} but the target module is {layer}. Setting "
+                f"fan_in_fan_out to {now} (as PEFT does; {len(mods)} module(s), e.g. {mods[0]})"
+            )
 
     def check_parameters_present(self, ad: Adapter, km: KeyMap) -> None:
         spelled = {km.to_peft(b) for b in self.base_modules} - {None}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from .errors import InputError
+from .errors import InputError, UsageError
 from .source import DTYPE_ALIASES
 
 # --gguf-type: what llama.cpp's converter writes itself, and the k-quants its quantizer makes from that
@@ -111,7 +111,7 @@ def resolve_device(name: str):
     if name == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available", hint="use --device cpu or auto")
     if name not in ("cpu", "cuda"):
-        raise InputError(f"unknown device {name!r}", hint="use auto, cpu or cuda")
+        raise UsageError(f"unknown device {name!r}", hint="use auto, cpu or cuda")
     return torch.device(name)
 
 
@@ -122,13 +122,13 @@ def parse_compress(spec: str | int | None) -> int | None:
     text = str(spec)
     name, _, level = text.partition(":")
     if name != "zstd":
-        raise InputError(f"unknown compression {text!r}", hint="use zstd or zstd:LEVEL")
+        raise UsageError(f"unknown compression {text!r}", hint="use zstd or zstd:LEVEL")
     try:
         value = int(level) if level else 3
     except ValueError:
-        raise InputError(f"--compress {text!r}: the level must be an integer") from None
+        raise UsageError(f"--compress {text!r}: the level must be an integer") from None
     if not 1 <= value <= 22:
-        raise InputError(f"--compress {text!r}: zstd levels go from 1 to 22")
+        raise UsageError(f"--compress {text!r}: zstd levels go from 1 to 22")
     return value
 
 
@@ -136,11 +136,11 @@ def _quant_out(save_method: str, quant_type, blocksize, double_quant) -> QuantOu
     if quant_type is None and blocksize is None and double_quant is None:
         return None
     if save_method != "merged_4bit":
-        raise InputError("--quant-type/--blocksize/--double-quant only apply to --save-method merged_4bit")
+        raise UsageError("--quant-type/--blocksize/--double-quant only apply to --save-method merged_4bit")
     if quant_type not in (None, "nf4", "fp4"):
-        raise InputError(f"unknown quant type {quant_type!r}", hint="use nf4 or fp4")
+        raise UsageError(f"unknown quant type {quant_type!r}", hint="use nf4 or fp4")
     if blocksize not in (None, *BLOCKSIZES):
-        raise InputError(f"invalid blocksize {blocksize}", hint="use a power of two from 32 to 4096")
+        raise UsageError(f"invalid blocksize {blocksize}", hint="use a power of two from 32 to 4096")
     return QuantOut(quant_type or "nf4", blocksize or 64, True if double_quant is None else double_quant)
 
 
@@ -148,9 +148,9 @@ def _gguf_type(save_method: str, gguf_type: str | None) -> str:
     if gguf_type is None:
         return "auto"
     if save_method != "gguf":
-        raise InputError("--gguf-type only applies to --save-method gguf")
+        raise UsageError("--gguf-type only applies to --save-method gguf")
     if gguf_type.lower() not in ALL_TYPES:
-        raise InputError(f"unknown GGUF type {gguf_type!r}", hint=f"use one of {', '.join(ALL_TYPES)}")
+        raise UsageError(f"unknown GGUF type {gguf_type!r}", hint=f"use one of {', '.join(ALL_TYPES)}")
     return gguf_type.lower()
 
 
@@ -171,7 +171,7 @@ def make_options(
 ) -> MergeOptions:
     """Validated :class:`MergeOptions` from user-facing values. ``compress``: ``zstd[:LEVEL]``."""
     if save_method not in SAVE_METHODS:
-        raise InputError(f"unknown save method {save_method!r}", hint=f"use one of {', '.join(SAVE_METHODS)}")
+        raise UsageError(f"unknown save method {save_method!r}", hint=f"use one of {', '.join(SAVE_METHODS)}")
     opts = MergeOptions(
         dtype=resolve_dtype(dtype),
         shard_size=parse_size(shard_size),
@@ -186,7 +186,7 @@ def make_options(
         gguf_type=_gguf_type(save_method, gguf_type),
     )
     if checksum not in CHECKSUMS:
-        raise InputError(f"unknown checksum {checksum!r}", hint=f"use one of {', '.join(CHECKSUMS)}")
+        raise UsageError(f"unknown checksum {checksum!r}", hint=f"use one of {', '.join(CHECKSUMS)}")
     if opts.compress is not None and save_method == "lora":
-        raise InputError("--compress applies to merged outputs, not --save-method lora")
+        raise UsageError("--compress applies to merged outputs, not --save-method lora")
     return opts

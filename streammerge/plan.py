@@ -73,6 +73,7 @@ class MergePlan:
     modules: tuple[ModuleRecord, ...]
     notes: tuple[str, ...] = ()
     merged_onto: str = "16-bit weights"
+    warnings: tuple[str, ...] = ()
 
     @property
     def total_size(self) -> int:
@@ -113,7 +114,7 @@ def build_plan(
     suffix = ".zst" if opts.compress is not None else ""
     names = shard_names(len(groups))
     shards = tuple(ShardPlan(fname + suffix, tuple(g)) for fname, g in zip(names, groups, strict=True))
-    return MergePlan(shards, config, tuple(match.records), tuple(notes), onto)
+    return MergePlan(shards, config, tuple(match.records), tuple(notes), onto, tuple(match.warnings))
 
 
 def _out_dtype(src: Source, target: str | None) -> str:

@@ -114,6 +114,7 @@ def new_report(base, ads: list, out: Path, opts, plan, dev, dry_run: bool = Fals
         notes=list(plan.notes),
         free_disk_bytes=psutil.disk_usage(str(_existing_parent(out))).free,
         merged_onto=plan.merged_onto,
+        warnings=list(plan.warnings),
     )
     if opts.save_method == "merged_4bit":
         report.warnings.append(

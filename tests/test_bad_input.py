@@ -179,10 +179,10 @@ def test_merge_overflow_is_caught(pair_copy, tmp_path):
         ({"alora_invocation_tokens": [1, 2]}, "aLoRA"),
         ({"layer_replication": [[0, 2]]}, "layer_replication"),
         ({"target_parameters": ["experts.gate_up_proj"]}, "target_parameters"),
-        ({"r": "8"}, "'r' must be a positive number"),
-        ({"lora_alpha": -1}, "'lora_alpha' must be a positive number"),
+        ({"r": "8"}, "'r' must be a positive integer"),
+        ({"lora_alpha": -1}, "'lora_alpha' must be a positive finite number"),
         ({"use_rslora": "yes"}, "'use_rslora' must be true or false"),
-        ({"rank_pattern": {"q_proj": "x"}}, "'rank_pattern' must map"),
+        ({"rank_pattern": {"q_proj": "x"}}, "'rank_pattern' entry 'q_proj' must be a positive integer"),
         ({"rank_pattern": {"q_proj(": 4}}, "not a valid regular expression"),
     ],
 )

@@ -116,17 +116,23 @@ def test_tiles_are_bit_identical_to_whole_blocks(wide_pair, tmp_path, monkeypatc
 
 
 def test_fan_in_fan_out_column_blocks(wide_pair, tmp_path):
-    base, _ad, t, lora = wide_pair
+    """A GPT-2 ``Conv1D`` [in, out] too wide for one block (hand-written: a real GPT-2 this wide would not
+    be tiny); PEFT honours fan_in_fan_out on Conv1D only, so the base is a gpt2 model."""
+    _base, _ad, t, lora = wide_pair
+    base = tmp_path / "gpt2"
+    base.mkdir()
+    weight = t["model.layers.0.mlp.conv.weight"]
+    save_file({"h.0.mlp.c_fc.weight": weight}, base / "model.safetensors", metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"model_type": "gpt2", "tie_word_embeddings": False}))
     p = "base_model.model.model.layers.0.mlp.conv"
-    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "fan_in_fan_out": True, "target_modules": ["conv"]}
-    ad3 = _adapter_dir(tmp_path, {k: v for k, v in lora.items() if k.startswith(p)}, cfg, "ad3")
-    want = (
-        t["model.layers.0.mlp.conv.weight"].float() + (lora[f"{p}.lora_B.weight"] @ lora[f"{p}.lora_A.weight"]).T * 2.0
-    ).to(torch.bfloat16)
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "fan_in_fan_out": True, "target_modules": ["c_fc"]}
+    tensors = {k.replace(p, "base_model.model.h.0.mlp.c_fc"): v for k, v in lora.items() if k.startswith(p)}
+    ad3 = _adapter_dir(tmp_path, tensors, cfg, "ad3")
+    want = (weight.float() + (lora[f"{p}.lora_B.weight"] @ lora[f"{p}.lora_A.weight"]).T * 2.0).to(torch.bfloat16)
     for budget in (1, "1GiB"):
         out = tmp_path / f"o{budget}"
         streammerge.merge(base, ad3, out, max_memory=budget)
-        assert torch.equal(read_dir(out)["model.layers.0.mlp.conv.weight"], want)
+        assert torch.equal(read_dir(out)["h.0.mlp.c_fc.weight"], want)
 
 
 def test_accelerator_oom_halves_blocks_then_falls_back_to_cpu(wide_pair, tmp_path, monkeypatch):

@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         log.error(str(e))
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         log.error("interrupted: nothing was published at the output; rerun with --resume to continue a merge")
+        for note in getattr(e, "__notes__", ()):
+            log.error(note)
         return EXIT_INTERRUPTED

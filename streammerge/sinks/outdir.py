@@ -36,12 +36,14 @@ def fsync_dir(path: Path) -> None:
 def write_json(path: Path, obj) -> None:
     try:
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
+            json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=False)  # strict JSON: no NaN / Infinity
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
         raise io_error(path, e) from e
+    except ValueError as e:  # a non-finite number: a bug upstream, never a file that is not JSON
+        raise OutputError(f"{path}: refusing to write a non-finite number into JSON ({e})") from e
 
 
 def copy_file(src: Path | bytes, dst: Path) -> None:
