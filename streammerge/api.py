@@ -19,7 +19,7 @@ from .adapter import Adapter
 from .errors import OutputError, StreamMergeError, UsageError
 from .options import DEFAULT_MAX_MEMORY, MergeOptions, make_options, resolve_device
 from .plan import MergePlan, plan_merge
-from .report import REPORT_NAME, MergeReport, anon_bytes, new_report
+from .report import REPORT_NAME, MergeReport, anon_bytes, new_report, options_dict
 from .sinks.lora import write_lora
 from .sinks.outdir import (
     JOURNAL_NAME,
@@ -30,6 +30,7 @@ from .sinks.outdir import (
     commit_work_dir,
     copy_file,
     discard_work_dir,
+    finished_fingerprint,
     prepare_work_dir,
     work_dir_for,
     write_json,
@@ -69,6 +70,25 @@ def fingerprint(ckpt: Checkpoint, ads: list[Adapter], plan: MergePlan, options: 
         "plan": plan.digest,
         "config": hashlib.sha256(json.dumps(plan.config, sort_keys=True).encode()).hexdigest(),
     }
+
+
+def fingerprint_digest(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+
+
+def up_to_date(out: Path, ckpt: Checkpoint, ads: list[Adapter], plan: MergePlan, options: dict) -> bool:
+    """``--resume`` on a finished output: True when ``out`` is the finished output of these inputs and
+    options (nothing to do); a finished output of anything else stays an error."""
+    have = finished_fingerprint(out)
+    if have is None:
+        return False
+    if have != fingerprint_digest(fingerprint(ckpt, ads, plan, options)):
+        raise OutputError(
+            f"{out}: holds a finished output of other inputs or options (its {REPORT_NAME} records another "
+            "fingerprint); --resume does not replace it",
+            hint="pass --overwrite to replace it, or choose another path",
+        )
+    return True
 
 
 def open_run(out: Path, fp: dict, resume: bool) -> tuple[Path, Journal, dict[str, dict]]:
@@ -157,7 +177,9 @@ def _gguf_layout(plan: MergePlan, aux: dict, out: Path, opts):
 def _execute(plan, aux, ckpt, ads, out, reader, opts, dev, report, progress, resume, t0, dist, layout=None) -> None:
     from .pipeline import LazyExecutor, progress_bar, run_shards
 
-    work, journal, done = open_run(out, fingerprint(ckpt, ads, plan, report.options), resume)
+    fp = fingerprint(ckpt, ads, plan, report.options)
+    report.fingerprint = fingerprint_digest(fp)
+    work, journal, done = open_run(out, fp, resume)
     shards = plan.shards if layout is None else (layout.shard(),)
     todo = [s for s in shards if s.filename not in done]
     report.resumed_shards = len(shards) - len(todo)
@@ -269,9 +291,14 @@ def merge(
     reader = Reader()
     try:
         ckpt, ads, plan = plan_merge(base, [(str(r.path), w) for r, w in sources], opts, reader)
+        by_path = {str(r.path): r for r, _ in sources}
+        if resume and not dry_run and up_to_date(out, ckpt, ads, plan, options_dict(opts)):
+            report = new_report(rbase.spec, ads, out, opts, plan, device, dry_run, by_path)
+            report.up_to_date, report.seconds = True, {"total": round(time.perf_counter() - t0, 3)}
+            report.notes.insert(0, f"--resume: {out} is already the finished output of these inputs and options")
+            return report
         check_output(out, [base] + [Path(a.path) for a in ads], overwrite)
         aux = aux_files(base, ads, ckpt)
-        by_path = {str(r.path): r for r, _ in sources}
         # a plan, a dry run and the lora method need no torch: the device is resolved (importing it) when
         # the first tensor needs arithmetic, so that the command line's background import of torch
         # overlaps the planning and the pass-through tensors in front; an explicit cuda is checked now
@@ -289,6 +316,7 @@ def merge(
             report.seconds = {"total": round(time.perf_counter() - t0, 3)}
             return report
         if save_method == "lora":
+            report.fingerprint = fingerprint_digest(fingerprint(ckpt, ads, plan, report.options))
             with OutputLock(out):
                 write_lora(ads[0], out, reader, report, opts.direct_io)
             report.seconds["total"] = round(time.perf_counter() - t0, 3)

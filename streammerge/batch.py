@@ -17,14 +17,14 @@ from pathlib import Path
 
 from . import hub
 from .adapter import load_adapter
-from .api import fingerprint, finish_output, open_run
+from .api import fingerprint, fingerprint_digest, finish_output, open_run, up_to_date
 from .errors import InputError, StreamMergeError
 from .execute import Executor, Workspace
 from .formats import logical_tensors
 from .options import make_options, resolve_device
 from .pipeline import Prefetcher, WriterThread
 from .plan import build_plan
-from .report import REPORT_NAME, new_report
+from .report import new_report, options_dict
 from .sinks.lora import write_lora
 from .sinks.outdir import OutputLock, aux_files, check_output, discard_work_dir
 from .sinks.safetensors import ShardWriter, open_shard_writer
@@ -178,7 +178,7 @@ def batch(
     direct_io: bool = True,
 ) -> list[JobResult]:
     """Run all ``jobs`` in one pass over ``base``. A failing job is reported and the others go on;
-    with ``resume``, jobs whose output is already complete are skipped. With ``executor`` ``local``
+    with ``resume``, jobs whose output is already finished from the same inputs and options are skipped. With ``executor`` ``local``
     or ``ray`` the jobs run one after another, each one's shards spread over the workers (no shared
     pass: each worker reads the base from shared storage)."""
     if executor != "inprocess":
@@ -196,20 +196,22 @@ def batch(
         drop_behind_if_large(reader, ckpt)
         logical = logical_tensors(ckpt, lambda ref: bytes(reader.raw(ref)))
         for spec in jobs:
-            res = _start(spec, resume, results)
-            if res.status == "skipped":
-                continue
+            res = _start(spec, results)
             try:
                 o = dict(spec.options)
                 opts = make_options(device=device, max_memory=max_memory, direct_io=direct_io, **o)
                 specs = [(hub.resolve(p, "adapter").path, w) for p, w in map(split_adapter_spec, spec.adapters)]
                 ads = [load_adapter(p, reader, w) for p, w in specs]
                 plan = build_plan(ckpt, ads, opts, lambda ref: bytes(reader.raw(ref)))
+                if resume and up_to_date(spec.out, ckpt, ads, plan, options_dict(opts)):
+                    res.status = "skipped"
+                    continue
                 check_output(spec.out, [base] + [Path(a.path) for a in ads], overwrite or resume)
                 report = new_report(base, ads, spec.out, opts, plan, dev)
                 aux = aux_files(base, ads, ckpt)
                 if opts.save_method == "lora":
                     t = time.perf_counter()
+                    report.fingerprint = fingerprint_digest(fingerprint(ckpt, ads, plan, report.options))
                     with OutputLock(spec.out):
                         write_lora(ads[0], spec.out, reader, report, opts.direct_io)
                     res.seconds, res.total_size = round(time.perf_counter() - t, 3), report.total_size
@@ -233,10 +235,10 @@ def batch(
     return results
 
 
-def _start(spec: JobSpec, resume: bool, results: list[JobResult]) -> JobResult:
-    """The result record of a job; ``skipped`` when resuming and its output is complete."""
-    done = resume and (spec.out / REPORT_NAME).is_file()
-    res = JobResult(spec.name, str(spec.out), "skipped" if done else "ok")
+def _start(spec: JobSpec, results: list[JobResult]) -> JobResult:
+    """The result record of a job (``skipped`` once ``--resume`` finds its output finished from the same
+    inputs and options)."""
+    res = JobResult(spec.name, str(spec.out), "ok")
     results.append(res)
     return res
 
@@ -246,15 +248,14 @@ def _batch_distributed(base, jobs, resume, overwrite, device, max_memory, execut
 
     results = []
     for spec in jobs:
-        res = _start(spec, resume, results)
-        if res.status == "skipped":
-            continue
+        res = _start(spec, results)
         try:
             rep = merge(
                 base,
                 list(spec.adapters),
                 spec.out,
                 overwrite=overwrite,
+                resume=resume,
                 device=device,
                 max_memory=max_memory,
                 executor=executor,
@@ -264,6 +265,8 @@ def _batch_distributed(base, jobs, resume, overwrite, device, max_memory, execut
                 **spec.options,
             )
             res.seconds, res.total_size, res.tensors_merged = rep.seconds["total"], rep.total_size, rep.tensors_merged
+            if rep.up_to_date:
+                res.status = "skipped"
         except StreamMergeError as e:
             res.status, res.error = "failed", str(e).splitlines()[0]
             log.error("job %s: %s", spec.name, e)
@@ -295,6 +298,7 @@ def _run_pass(active: list[_Active], ckpt, logical, reader: Reader, dev, ws: Wor
         a.t0 = time.perf_counter()
         a.lock = OutputLock(a.spec.out).__enter__()
         fp = fingerprint(ckpt, a.ads, a.plan, a.report.options)
+        a.report.fingerprint = fingerprint_digest(fp)
         a.work, a.journal, _ = open_run(a.spec.out, fp, resume=False)
         a.ex = Executor(reader, a.opts, dev, a.report, ws)
         a.order = [(i, j) for i, s in enumerate(a.shards) for j in s.jobs]

@@ -41,6 +41,8 @@ class MergeReport:
     work_buffer_bytes: int = 0
     base_source: dict = field(default_factory=dict)  # the local path, or the repo id, revision and commit
     pushed_to: str = ""
+    fingerprint: str = ""  # sha256 of what the run is (inputs, options, plan): --resume compares it
+    up_to_date: bool = False  # --resume found OUT already finished from these inputs and options
 
     def to_dict(self) -> dict:
         return asdict(self)

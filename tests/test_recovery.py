@@ -258,3 +258,44 @@ def test_disk_full_in_the_direct_io_writes_is_resumable(mid_pair, tmp_path, monk
     rep = streammerge.merge(base, ad, out, shard_size="12MB", resume=True)
     assert rep.resumed_shards >= 1
     assert _model_files(out) == _model_files(ref)
+
+
+@pytest.mark.parametrize("method", ["merged_16bit", "lora"])
+def test_resume_on_a_finished_output_is_a_no_op(llama_pair, tmp_path, method):
+    """A retry loop (``merge ... --resume`` until exit 0) must not fail after a success."""
+    from streammerge.cli import main
+
+    base, ad = llama_pair
+    out = tmp_path / "out"
+    streammerge.merge(base, ad, out, save_method=method)
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    rep = streammerge.merge(base, ad, out, save_method=method, resume=True)
+    assert rep.up_to_date and "already the finished output" in rep.notes[0]
+    cmd = ["merge", str(base), str(ad), str(out), "--resume", "--quiet", "--save-method", method]
+    assert main(cmd) == 0
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+
+
+def test_resume_on_a_different_finished_output_is_an_error(llama_pair, tmp_path):
+    base, ad = llama_pair
+    out = tmp_path / "out"
+    streammerge.merge(base, ad, out)
+    with pytest.raises(OutputError, match="finished output of other inputs or options"):
+        streammerge.merge(base, ad, out, dtype="fp32", resume=True)
+    with pytest.raises(OutputError, match="finished output of other inputs or options"):
+        streammerge.merge(base, f"{ad}:0.5", out, resume=True)
+    (out / "streammerge_report.json").unlink()  # not a finished output: an occupied directory
+    with pytest.raises(OutputError, match="exists and is not empty"):
+        streammerge.merge(base, ad, out, resume=True)
+
+
+def test_batch_resume_skips_only_jobs_finished_from_the_same_inputs(llama_pair, tmp_path):
+    from streammerge.batch import JobSpec, batch
+
+    base, ad = llama_pair
+    jobs = [JobSpec("a", [str(ad)], tmp_path / "a"), JobSpec("b", [f"{ad}:0.5"], tmp_path / "b")]
+    assert [r.status for r in batch(base, jobs)] == ["ok", "ok"]
+    assert [r.status for r in batch(base, jobs, resume=True)] == ["skipped", "skipped"]
+    other = [JobSpec("a", [f"{ad}:0.25"], tmp_path / "a"), jobs[1]]
+    res = batch(base, other, resume=True)
+    assert [r.status for r in res] == ["failed", "skipped"] and "other inputs or options" in res[0].error

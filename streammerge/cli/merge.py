@@ -162,6 +162,9 @@ def print_plan(report, out) -> None:
 
 
 def print_summary(report, out) -> None:
+    if report.up_to_date:
+        out.write(f"up to date: {report.out} is already the finished output of these inputs and options\n")
+        return
     secs = report.seconds.get("total", 0.0)
     rate = report.total_size / secs / 2**20 if secs else 0.0
     out.write(

@@ -79,6 +79,19 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
         )
 
 
+def finished_fingerprint(out: Path) -> str | None:
+    """The fingerprint recorded in a finished output at ``out`` ("" when its report has none, or is not
+    readable), or None when ``out`` holds no finished output."""
+    path = out / REPORT_NAME
+    if not path.is_file():
+        return None
+    try:
+        fp = json.loads(path.read_text(encoding="utf-8")).get("fingerprint", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return fp if isinstance(fp, str) else ""
+
+
 class OutputLock:
     """An exclusive lock on OUT (``.OUT.streammerge.lock`` beside it, ``flock``): two runs writing the
     same output cannot both proceed. Released when the holder exits, even if it is killed."""
