@@ -178,9 +178,9 @@ def batch(
     direct_io: bool = True,
 ) -> list[JobResult]:
     """Run all ``jobs`` in one pass over ``base``. A failing job is reported and the others go on;
-    with ``resume``, jobs whose output is already finished from the same inputs and options are skipped. With ``executor`` ``local``
-    or ``ray`` the jobs run one after another, each one's shards spread over the workers (no shared
-    pass: each worker reads the base from shared storage)."""
+    with ``resume``, jobs whose output is already finished from the same inputs and options are skipped.
+    With ``executor`` ``local`` or ``ray`` the jobs run one after another, each one's shards spread over
+    the workers (no shared pass: each worker reads the base from shared storage)."""
     if executor != "inprocess":
         return _batch_distributed(
             base, jobs, resume, overwrite, device, max_memory, executor, workers, address, direct_io
