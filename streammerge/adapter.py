@@ -217,8 +217,8 @@ def _check_config(cfg: dict, path: Path) -> None:
     if cfg.get("use_qalora"):
         fail("use_qalora is set: QA-LoRA pools inputs and has no plain merged form here")
     tp = cfg.get("target_parameters")
-    if tp is not None and not (isinstance(tp, list) and all(isinstance(x, str) and "." in x for x in tp)):
-        fail(f"'target_parameters' must be a list of '<module>.<parameter>' names, found {tp!r}")
+    if tp is not None and not (isinstance(tp, list) and all(isinstance(x, str) and x.strip(".") == x for x in tp)):
+        fail(f"'target_parameters' must be a list of parameter names ('<module>.<parameter>' or bare), found {tp!r}")
     bias = cfg.get("bias", "none")
     if bias not in ("none", "all", "lora_only"):
         fail(f"'bias' must be none, all or lora_only, found {bias!r}")
@@ -350,9 +350,24 @@ def _param_owner(module: str, cfg: dict) -> tuple[str | None, int]:
         owner, depth = owner[: -len(".base_layer")], depth + 1
     for name in cfg.get("target_parameters") or ():
         part = name.rpartition(".")[0]
-        if owner == part or owner.endswith("." + part):
+        if part and (owner == part or owner.endswith("." + part)):
+            return owner, depth
+        # a bare parameter name (PEFT writes ``["down_proj", "gate_up_proj"]`` when target_modules named the
+        # experts' projections): any module can hold it, so a LoRA module the config does not target as a
+        # layer (or a nested wrapper) is a parameter wrapper
+        if not part and (depth > 0 or not targets_module(owner, cfg.get("target_modules"))):
             return owner, depth
     return None, 0
+
+
+def targets_module(module: str, spec) -> bool:
+    """PEFT's ``target_modules`` test: a regex string matches the whole name; a list entry matches the
+    name or a dot-bounded suffix of it."""
+    if not spec:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module) is not None
+    return any(module == t or module.endswith("." + t) for t in spec)
 
 
 def _param_lora(wfile: str, owner: str, depth: int, module: str, slot: dict[str, TensorRef]) -> ParamLora:

@@ -43,7 +43,57 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
     # MoE: Mixtral's ``block_sparse_moe`` is transformers 5's ``mlp`` (its experts' w1/w3/w2 are the
     # per-expert pieces of the fused parameters: streammerge.experts.SPLITS)
     "mixtral": ((r"\.block_sparse_moe\.", ".mlp."),),
+    "minimax": ((r"\.block_sparse_moe\.", ".mlp."),),
+    # PhiMoE also calls its router ``router`` (the checkpoint's ``block_sparse_moe.gate``)
+    "phimoe": ((r"\.block_sparse_moe\.", ".mlp."), (r"\.mlp\.gate$", ".mlp.router")),
 }
+
+#: architectures whose routed experts transformers 5 fuses into 3-D parameters on load (its conversion
+#: mapping merges ``experts.N.<proj>.weight``): the per-expert modules of their checkpoints are not
+#: modules of the model PEFT wraps, so ``target_modules`` never reaches them (checked against
+#: transformers' mapping in the tests)
+FUSED_EXPERTS = frozenset(
+    {
+        "afmoe",
+        "cohere2_moe",
+        "deepseek_v2",
+        "deepseek_v3",
+        "deepseek_v32",
+        "dots1",
+        "ernie4_5_moe",
+        "exaone_moe",
+        "flex_olmo",
+        "glm4_moe",
+        "glm4_moe_lite",
+        "glm4v_moe",
+        "glm_moe_dsa",
+        "hunyuan_v1_moe",
+        "jamba",
+        "kimi_linear",
+        "lfm2_moe",
+        "longcat_flash",
+        "minimax",
+        "minimax_m2",
+        "mixtral",
+        "nemotron_h",
+        "olmoe",
+        "phimoe",
+        "qwen2_moe",
+        "qwen3_5_moe_text",
+        "qwen3_moe",
+        "qwen3_next",
+        "qwen3_omni_moe",
+        "qwen3_omni_moe_text",
+        "qwen3_omni_moe_thinker",
+        "solar_open",
+    }
+)
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.(?:gate_proj|up_proj|down_proj|w1|w2|w3)$")
+
+
+def fused_away(model_type: str, module: str) -> bool:
+    """A checkpoint module that is one expert's projection of experts ``model_type`` fuses on load."""
+    return model_type in FUSED_EXPERTS and _PER_EXPERT.search(module) is not None
 
 
 def to_module_tree(name: str, rules) -> tuple[str, list[str]]:

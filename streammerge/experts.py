@@ -14,6 +14,7 @@ updates of whichever tensors hold it; the executor merges a fused tensor one exp
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 
 from .adapter import Adapter, ParamLora
@@ -103,15 +104,27 @@ def stored(ad: Adapter, owner: str, base_owner: str | None, shapes: dict, model_
     return base_owner is not None and any(locate(base_owner, p, shapes, model_type) for p in _params_of(ad, owner))
 
 
-def untrained(ad: Adapter, modules: set[str]) -> list[str]:
+def holders(param: str, modules: set[str], tensors: set[str]) -> set[str]:
+    """The modules (adapter spelling) holding a parameter named ``param``: a fused tensor ``<m>.<param>``,
+    or per-expert pieces ``<m>.<N>.<piece>`` of it."""
+    found = {t[: -len(param) - 1] for t in tensors if t.endswith("." + param) and "." in t[: -len(param) - 1]}
+    pieces = {p for subs in SPLITS.get(param, ()) for p in subs}
+    for m in modules:
+        hit = re.fullmatch(r"(.+)\.\d+\.([^.]+)", m)
+        if hit and hit[2] in pieces:
+            found.add(hit[1])
+    return found
+
+
+def untrained(ad: Adapter, modules: set[str], tensors: set[str]) -> list[str]:
     """Targeted parameters the adapter has no LoRA for: a ``target_parameters`` entry that no module of
-    the base (``modules``, in the adapter's spelling) holds, or a module holding it without LoRA
-    tensors (PEFT would refuse the first, and leave the second at its random initialisation)."""
+    the base (``modules`` and ``tensors``, in the adapter's spelling) holds, or a module holding it without
+    LoRA tensors (PEFT would refuse the first, and leave the second at its random initialisation)."""
     missing = []
     for target in ad.config.get("target_parameters") or ():
         part, _, param = target.rpartition(".")
-        owners = set()
-        for m in modules:
+        owners = set() if part else holders(param, modules, tensors)
+        for m in modules if part else ():
             i = ("." + m + ".").find("." + part + ".")
             if i >= 0:
                 owners.add(m[: i + len(part)])
@@ -128,7 +141,9 @@ def _fits(w: ParamLora, place: Place, rank: int) -> bool:
 
 def _params_of(ad: Adapter, owner: str) -> list[str]:
     names = ad.config.get("target_parameters") or []
-    return sorted({n.rpartition(".")[2] for n in names if ("." + owner).endswith("." + n.rpartition(".")[0])})
+    return sorted(
+        {n.rpartition(".")[2] for n in names if "." not in n or ("." + owner).endswith("." + n.rpartition(".")[0])}
+    )
 
 
 def assign(ad: Adapter, owner: str, base_owner: str, shapes: dict, model_type: str) -> list[tuple[ParamLora, Place]]:

@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import experts
-from .adapter import Adapter, LoraModule
-from .conversions import ConversionMap, is_conv1d
+from .adapter import Adapter, LoraModule, targets_module
+from .conversions import ConversionMap, fused_away, is_conv1d
 from .errors import AdapterError
 from .experts import ExpertDelta
 from .source import TensorRef
@@ -274,7 +274,7 @@ class _Matcher:
                 details=sorted(unmatched),
                 hint="the adapter was trained on a different model, or the base checkpoint uses other tensor names",
             )
-        check_targets_present(ad, km, self.base_modules)
+        check_targets_present(ad, km, {m for m in self.base_modules if not fused_away(self.model_type, m)})
         self.check_parameters_present(ad, km)
         unused = set(ad.tensors) - used
         if unused:
@@ -407,10 +407,10 @@ class _Matcher:
             )
 
     def check_parameters_present(self, ad: Adapter, km: KeyMap) -> None:
-        spelled = {km.to_peft(b) for b in self.base_modules} - {None}
-        if self.conversion:
-            spelled |= set(self.conversion.to_tree.values())
-        missing = experts.untrained(ad, spelled)
+        spell = self.conversion.to_peft if self.conversion else km.to_peft  # the conversion covers every module
+        spelled = {spell(b) for b in self.base_modules} - {None}
+        tensors = {f"{spell(m)}.{p}" for m, p in map(module_of, self.names) if spell(m) is not None}
+        missing = experts.untrained(ad, spelled, tensors)
         if missing:
             raise AdapterError(
                 f"{ad.weights_file}: adapter_config.json's target_parameters name {len(missing)} parameter(s) "
@@ -503,14 +503,9 @@ def check_lora_shapes(ad: Adapter, lm: LoraModule, base: str, shape: tuple[int, 
             raise _shape_error(ad, lm, base, shape, f"{lm.magnitude.name} {list(lm.magnitude.shape)} != [{rows}]")
 
 
-def _targets(pm: str, spec) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, pm) is not None
-    return any(pm == t or pm.endswith("." + t) for t in spec)
-
-
 def check_targets_present(ad: Adapter, km: KeyMap, base_modules: set[str]) -> None:
-    """A module the config targets but the file lacks would keep PEFT's random init: an error."""
+    """A module the config targets but the file lacks would keep PEFT's random init: an error
+    (``base_modules``: those of the model PEFT wraps)."""
     targets = ad.config.get("target_modules")
     if not targets or targets == "all-linear":
         return
@@ -521,7 +516,7 @@ def check_targets_present(ad: Adapter, km: KeyMap, base_modules: set[str]) -> No
     missing = []
     for bm in sorted(base_modules):
         pm = km.to_peft(bm)
-        if pm is None or not _targets(pm, targets) or (exclude and _targets(pm, exclude)):
+        if pm is None or not targets_module(pm, targets) or (exclude and targets_module(pm, exclude)):
             continue
         if layers:
             m = re.search(r"\.(\d+)\.", pm)

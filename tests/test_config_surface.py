@@ -154,3 +154,20 @@ def test_first_stderr_line_is_the_cause(pair_copy, tmp_path):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert "File too large" in lines[0], p.stderr
     assert "--resume" in p.stderr and "partial output kept" not in lines[0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "openai-gpt", "llama", "qwen2"])
+def test_conv1d_table_matches_the_modules_transformers_builds(arch):
+    import transformers as tf
+    from transformers.pytorch_utils import Conv1D
+
+    from streammerge.conversions import is_conv1d
+
+    if arch == "openai-gpt":
+        model = tf.OpenAIGPTLMHeadModel(tf.OpenAIGPTConfig(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
+    else:
+        model = build_model(arch)
+    model_type = model.config.model_type
+    for name, module in model.named_modules():
+        if isinstance(module, (Conv1D, torch.nn.Linear)):
+            assert is_conv1d(model_type, name) == isinstance(module, Conv1D), name

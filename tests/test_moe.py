@@ -205,3 +205,99 @@ def test_square_experts_of_an_unknown_architecture_are_refused():
     assert locate("m.experts", "gate_up_proj", shapes, "gpt_oss")[0].transposed
     with pytest.raises(AdapterError, match="nothing here tells which"):
         locate("m.experts", "gate_up_proj", shapes, "new_moe")
+
+
+_TINY = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=160,
+    max_position_embeddings=128,
+)  # fmt: skip
+
+
+def _everyday_config(arch: str):
+    import transformers as tf
+
+    experts = dict(num_experts_per_tok=2)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**_TINY, **experts, intermediate_size=128, moe_intermediate_size=32, num_experts=4)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(
+            **_TINY, **experts, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+            shared_expert_intermediate_size=48,
+        )  # fmt: skip
+    if arch == "olmoe":
+        return tf.OlmoeConfig(**_TINY, **experts, intermediate_size=32, num_experts=4)
+    if arch in ("mixtral", "phimoe"):
+        cls = tf.MixtralConfig if arch == "mixtral" else tf.PhimoeConfig
+        return cls(**_TINY, **experts, intermediate_size=32, num_local_experts=4)
+    return tf.DeepseekV3Config(
+        **_TINY, **experts, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, n_group=1, topk_group=1,
+    )  # fmt: skip
+
+
+GATE_UP_DOWN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MLA = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize(
+    ("arch", "targets"),
+    [
+        ("qwen3_moe", GATE_UP_DOWN),
+        ("qwen3_moe", "all-linear"),
+        ("qwen2_moe", GATE_UP_DOWN),
+        ("olmoe", GATE_UP_DOWN),
+        ("deepseek_v3", MLA),
+        ("deepseek_v3", "all-linear"),
+        ("mixtral", ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]),
+        ("mixtral", "all-linear"),
+        ("phimoe", ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]),
+        ("phimoe", "all-linear"),
+    ],
+)
+def test_everyday_moe_recipe_merges_as_peft_does(tmp_path, arch, targets):
+    """``LoraConfig(target_modules=[...projections...] or "all-linear")`` on a transformers-5 MoE model, saved
+    by PEFT itself: PEFT moves the experts' projections into ``target_parameters`` as bare names (and the
+    router as ``gate.weight``), or matches them only on the shared expert; merged as PEFT merges it."""
+    import transformers as tf
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(_everyday_config(arch))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "base")
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    pm.save_pretrained(tmp_path / "ad")
+    streammerge.merge(tmp_path / "base", tmp_path / "ad", tmp_path / "out")
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    ref = PeftModel.from_pretrained(loaded, tmp_path / "ad").merge_and_unload()
+    ref.save_pretrained(tmp_path / "ref")  # back in the checkpoint's key layout
+    got, want = read_dir(tmp_path / "out"), read_dir(tmp_path / "ref")
+    assert set(got) == set(want)
+    assert [k for k in got if not torch.equal(got[k], want[k])] == []
+    merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(logits(merged, IDS), logits(ref, IDS))
+
+
+def test_fused_expert_table_matches_transformers():
+    """Every architecture streammerge treats as fusing its experts does so in transformers' conversion
+    mapping, and the common MoE families are all listed."""
+    from transformers import conversion_mapping as cm
+
+    from streammerge.conversions import FUSED_EXPERTS
+
+    mapping = cm._build_checkpoint_conversion_mapping()
+
+    def fuses(model_type: str) -> bool:
+        rules = mapping.get(model_type) or mapping.get(cm._MODEL_TO_CONVERSION_PATTERN.get(model_type, ""), [])
+        return any("experts.*." in p for r in rules for p in (getattr(r, "source_patterns", None) or []))
+
+    assert sorted(t for t in FUSED_EXPERTS if not fuses(t)) == []
+    common = {"qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "deepseek_v3", "glm4_moe", "minimax"}
+    assert common <= FUSED_EXPERTS
