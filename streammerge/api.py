@@ -293,10 +293,7 @@ def merge(
         ckpt, ads, plan = plan_merge(base, [(str(r.path), w) for r, w in sources], opts, reader)
         by_path = {str(r.path): r for r, _ in sources}
         if resume and not dry_run and up_to_date(out, ckpt, ads, plan, options_dict(opts)):
-            report = new_report(rbase.spec, ads, out, opts, plan, device, dry_run, by_path)
-            report.up_to_date, report.seconds = True, {"total": round(time.perf_counter() - t0, 3)}
-            report.notes.insert(0, f"--resume: {out} is already the finished output of these inputs and options")
-            return report
+            return _up_to_date_report(new_report(rbase.spec, ads, out, opts, plan, device, False, by_path), t0)
         check_output(out, [base] + [Path(a.path) for a in ads], overwrite)
         aux = aux_files(base, ads, ckpt)
         # a plan, a dry run and the lora method need no torch: the device is resolved (importing it) when
@@ -334,6 +331,12 @@ def merge(
         return report
     finally:
         reader.close()
+
+
+def _up_to_date_report(report: MergeReport, t0: float) -> MergeReport:
+    report.up_to_date, report.seconds = True, {"total": round(time.perf_counter() - t0, 3)}
+    report.notes.insert(0, f"--resume: {report.out} is already the finished output of these inputs and options")
+    return report
 
 
 def _resolve_inputs(base, specs: list[tuple[str, float]]) -> tuple[list, hub.Resolved, list[str]]:

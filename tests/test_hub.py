@@ -16,7 +16,7 @@ from helpers import build_adapter, build_model, save_base
 
 import streammerge
 from streammerge.cli import main
-from streammerge.errors import InputError
+from streammerge.errors import AdapterError, InputError
 
 
 def add_to_cache(cache: Path, repo_id: str, src: Path) -> str:
@@ -65,7 +65,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(root))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return {"root": root, "base": base, "ad": ad, **commits}
+    return {"root": root, "base": base, "ad": ad, "model": model, **commits}
 
 
 def test_cache_layout_is_huggingface_hubs(cache):
@@ -200,7 +200,7 @@ def test_push_with_lora_after_verify_and_never_on_a_dry_run(cache, tmp_path, mon
     args = ["merge", "acme/tiny-llama", "acme/tiny-lora"]
     assert main([*args, str(tmp_path / "a"), "--save-method", "lora", "--push-to-hub", "me/ad", "-q"]) == 0
     assert [c[0] for c in FakeApi.calls] == ["create_repo", "upload"]
-    assert main([*args, str(tmp_path / "b"), "--dry-run", "--push-to-hub", "me/x", "-q"]) == 1
+    assert main([*args, str(tmp_path / "b"), "--dry-run", "--push-to-hub", "me/x", "-q"]) == 2  # a usage error
     FakeApi.calls = []
     real = verify_mod.verify
 
@@ -255,3 +255,205 @@ def test_online_errors_name_the_repo_with_a_hint(cache, tmp_path, monkeypatch, e
         streammerge.merge("acme/other-model@v9", cache["ad"], tmp_path / "out")
     assert str(e.value).startswith("acme/other-model@v9: ") and e.value.hint
     assert not (tmp_path / "out").exists()
+
+
+# --- dangling links (issue 23, item 5): a snapshot link whose blob was deleted from the cache -----------------
+
+
+def snapshot_of(root: Path, repo_id: str) -> tuple[Path, str]:
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    commit = (repo / "refs" / "main").read_text()
+    return repo / "snapshots" / commit, commit
+
+
+def dangle(root: Path, repo_id: str, rel: str) -> tuple[Path, Path, str]:
+    """Delete the blob behind ``rel`` in the cached snapshot of ``repo_id`` (a cache pruned by hand): its link
+    dangles. Returns the link, the missing blob and the commit."""
+    snap, commit = snapshot_of(root, repo_id)
+    link = snap / rel
+    blob = link.resolve()
+    blob.unlink()
+    assert link.is_symlink() and not link.exists()
+    return link, blob, commit
+
+
+def add_dangling(root: Path, repo_id: str, rel: str) -> tuple[Path, Path]:
+    """A link ``rel`` in the snapshot to a blob that is not in the cache."""
+    snap, _ = snapshot_of(root, repo_id)
+    blob_name = hashlib.sha256(rel.encode()).hexdigest()
+    (snap / rel).symlink_to(Path("..", "..", "blobs", blob_name))
+    return snap / rel, snap.parent.parent / "blobs" / blob_name
+
+
+def write_tree_listing(root: Path, repo_id: str) -> None:
+    """The tree listing huggingface_hub (2.x) caches per commit at download: with it, its own offline
+    ``snapshot_download`` refuses a snapshot missing a listed file (IncompleteSnapshotError)."""
+    snap, commit = snapshot_of(root, repo_id)
+    files = {p.name: {"size": 1, "blob_id": hashlib.sha1(p.name.encode()).hexdigest()} for p in snap.iterdir()}
+    (snap.parent.parent / "trees").mkdir(exist_ok=True)
+    (snap.parent.parent / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": files}))
+
+
+def add_sharded_base(cache: dict, tmp_path: Path) -> str:
+    base = save_base(cache["model"], tmp_path / "src" / "sharded", shard="60KB")
+    assert (base / "model.safetensors.index.json").is_file()
+    add_to_cache(cache["root"], "acme/tiny-llama-sharded", base)
+    return "acme/tiny-llama-sharded"
+
+
+@pytest.mark.parametrize("listing", [False, True], ids=["no_tree_listing", "tree_listing"])
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [
+        ("base_single", InputError),
+        ("base_shard", InputError),
+        ("base_index", InputError),
+        ("base_config", InputError),
+        ("adapter_weights", AdapterError),
+        ("adapter_config", AdapterError),
+    ],
+)
+def test_a_dangling_link_names_repo_commit_link_blob_and_the_fix(cache, tmp_path, capsys, case, error, listing):
+    """A snapshot file whose blob was deleted (offline): the error names the repo, its commit, the link, the
+    missing blob and the command that re-downloads it, and the run exits 1 writing nothing (it said
+    'no model.safetensors', then 'found model.safetensors; convert .bin checkpoints')."""
+    base, adapter = "acme/tiny-llama", "acme/tiny-lora"
+    if case in ("base_shard", "base_index"):
+        base = add_sharded_base(cache, tmp_path)
+    repo, rel = {
+        "base_single": (base, "model.safetensors"),
+        "base_shard": (base, "model-00002-of-00004.safetensors"),
+        "base_index": (base, "model.safetensors.index.json"),
+        "base_config": (base, "config.json"),
+        "adapter_weights": (adapter, "adapter_model.safetensors"),
+        "adapter_config": (adapter, "adapter_config.json"),
+    }[case]
+    if listing:
+        write_tree_listing(cache["root"], repo)
+    link, blob, commit = dangle(cache["root"], repo, rel)
+    out = tmp_path / "out"
+    assert main(["merge", base, adapter, str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not out.exists()
+    assert f"{repo} (revision main, commit {commit})" in err
+    assert str(link) in err and str(blob) in err and "dangling" in err
+    assert f"hf download {repo} {rel} --revision {commit}" in err
+    assert "convert .bin" not in err and "not in the Hugging Face cache" not in err
+    with pytest.raises(error) as e:
+        streammerge.merge(base, adapter, out, dry_run=True)
+    assert e.value.details and rel in e.value.details[0]
+    if case.startswith("adapter"):  # also when the base is taken from the adapter's config
+        with pytest.raises(AdapterError, match="dangling"):
+            streammerge.merge(None, adapter, out, dry_run=True)
+
+
+def test_every_dangling_link_the_merge_reads_is_named_at_once(cache, tmp_path):
+    base = add_sharded_base(cache, tmp_path)
+    broken = [dangle(cache["root"], base, f)[0] for f in ("config.json", "model-00001-of-00004.safetensors")]
+    broken.append(dangle(cache["root"], base, "model-00004-of-00004.safetensors")[0])
+    tok, _ = add_dangling(cache["root"], base, "tokenizer.json")  # copied beside the weights: needed too
+    with pytest.raises(InputError, match="4 files of the cached snapshot are dangling links") as e:
+        streammerge.merge(base, "acme/tiny-lora", tmp_path / "out", dry_run=True)
+    assert [d.split(":")[0] for d in e.value.details] == sorted(p.name for p in [*broken, tok])
+    files = " ".join(sorted(p.name for p in [*broken, tok]))
+    assert f"hf download {base} {files} --revision" in e.value.hint
+
+
+def test_dangling_links_the_merge_does_not_read_are_only_a_note(cache, tmp_path, caplog):
+    """A dangling README.md, a pickle beside the safetensors, a consolidated file beside the shards: the
+    merge reads none of them, so it runs (the README is not copied), with a note naming them."""
+    base = add_sharded_base(cache, tmp_path)
+    ref = tmp_path / "ref"
+    streammerge.merge(tmp_path / "src" / "sharded", cache["ad"], ref)
+    names = ("README.md", "pytorch_model.bin", "consolidated.safetensors")
+    unread = [add_dangling(cache["root"], base, n)[0] for n in names]
+    unread.append(add_dangling(cache["root"], "acme/tiny-lora", "adapter_model.bin")[0])
+    out = tmp_path / "out"
+    caplog.set_level("WARNING", logger="streammerge")
+    streammerge.merge(base, "acme/tiny-lora", out)
+    assert model_files(out) == model_files(ref) and not (out / "README.md").exists()
+    text = caplog.text
+    for link in unread:
+        assert str(link) in text
+    assert "this merge does not need it" in text and "the output goes without it" in text
+
+
+def test_a_dangling_link_in_a_local_directory_names_the_link_and_its_target(cache, tmp_path, capsys):
+    import shutil
+
+    base, ad = tmp_path / "base", tmp_path / "ad"
+    shutil.copytree(cache["base"], base)
+    shutil.copytree(cache["ad"], ad)
+    gone = tmp_path / "moved-away" / "model.safetensors"
+    (base / "model.safetensors").unlink()
+    (base / "model.safetensors").symlink_to(gone)
+    assert main(["merge", str(base), str(ad), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"{base / 'model.safetensors'} -> {gone}" in err and "dangling" in err and "convert .bin" not in err
+    (base / "model.safetensors").unlink()
+    shutil.copy(cache["base"] / "model.safetensors", base)
+    (ad / "adapter_model.safetensors").unlink()
+    (ad / "adapter_model.safetensors").symlink_to(tmp_path / "nowhere.safetensors")
+    with pytest.raises(AdapterError, match="dangling") as e:
+        streammerge.merge(base, ad, tmp_path / "out", dry_run=True)
+    assert str(tmp_path / "nowhere.safetensors") in str(e.value)
+    link = tmp_path / "base-link"
+    link.symlink_to(tmp_path / "deleted-base")
+    with pytest.raises(InputError, match="dangling") as e:
+        streammerge.merge(link, cache["ad"], tmp_path / "out", dry_run=True)
+    assert str(tmp_path / "deleted-base") in str(e.value)
+
+
+@pytest.mark.parametrize("fetch", ["ok", "fails"])
+def test_with_the_network_allowed_a_dangling_blob_is_fetched_again(cache, tmp_path, monkeypatch, fetch):
+    """Not offline: the files behind dangling links are downloaded again (huggingface_hub's own
+    hf_hub_download, which replaces the link; a stand-in here), at the snapshot's commit."""
+    import huggingface_hub
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    link, blob, commit = dangle(cache["root"], "acme/tiny-llama", "model.safetensors")
+    calls = []
+
+    def download(repo_id, filename, **kw):
+        calls.append((repo_id, filename, kw.get("revision")))
+        if fetch == "fails":
+            raise OSError("connection reset")
+        blob.write_bytes((cache["base"] / filename).read_bytes())
+        return str(link)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    out = tmp_path / "out"
+    if fetch == "ok":
+        streammerge.merge("acme/tiny-llama", "acme/tiny-lora", out, dry_run=True)
+    else:
+        with pytest.raises(InputError, match="connection reset") as e:
+            streammerge.merge("acme/tiny-llama", "acme/tiny-lora", out, dry_run=True)
+        assert str(blob) in str(e.value)
+    assert calls == [("acme/tiny-llama", "model.safetensors", commit)]
+
+
+def test_a_snapshot_passed_as_a_path_and_inspect_name_the_repo_too(cache, tmp_path, capsys):
+    link, blob, commit = dangle(cache["root"], "acme/tiny-lora", "adapter_model.safetensors")
+    with pytest.raises(AdapterError) as e:
+        streammerge.merge(cache["base"], link.parent, tmp_path / "out", dry_run=True)
+    assert f"acme/tiny-lora (commit {commit}): adapter_model.safetensors of the cached snapshot" in str(e.value)
+    assert f"hf download acme/tiny-lora adapter_model.safetensors --revision {commit}" in str(e.value)
+    assert main(["inspect", "acme/tiny-lora"]) == 1
+    err = capsys.readouterr().err
+    assert str(link) in err and str(blob) in err and "no adapter_model.safetensors" not in err
+
+
+def test_an_incomplete_snapshot_is_not_called_absent_from_the_cache(cache, tmp_path):
+    """huggingface_hub's tree listing names a file the snapshot lacks (never downloaded, no link): offline
+    that is an incomplete snapshot (it said 'not in the Hugging Face cache')."""
+    write_tree_listing(cache["root"], "acme/tiny-llama")
+    snap, commit = snapshot_of(cache["root"], "acme/tiny-llama")
+    (snap / "tokenizer.json").unlink(missing_ok=True)
+    listing = snap.parent.parent / "trees" / f"{commit}.json"
+    data = json.loads(listing.read_text())
+    data["files"]["tokenizer.json"] = {"size": 1, "blob_id": "0" * 40}
+    listing.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=r"the cached snapshot .* is incomplete, and HF_HUB_OFFLINE is set") as e:
+        streammerge.merge("acme/tiny-llama", cache["ad"], tmp_path / "out", dry_run=True)
+    assert "tokenizer.json" in str(e.value) and f"--revision {commit}" in e.value.hint
