@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-gguf bench lint format clean
+.PHONY: install demo test fuzz test-gguf bench lint format clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (or: make PY=python3)"; exit 1; }
@@ -22,6 +22,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The PEFT-oracle fuzz at length (make test runs a fixed seeded slice of 30): FUZZ_EXAMPLES draws with a
+# fresh seed (FUZZ_SEED=N to replay one); prints the seed and what was merged, refused and why.
+FUZZ_EXAMPLES ?= 300
+FUZZ_SEED ?= $(shell date +%s)
+fuzz: $(STAMP)
+	@echo "PEFT-oracle fuzz: $(FUZZ_EXAMPLES) examples, seed $(FUZZ_SEED)"
+	STREAMMERGE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) STREAMMERGE_FUZZ_SEED=$(FUZZ_SEED) \
+		$(BIN)/python -m pytest -q -s tests/test_peft_oracle.py
 
 # Optional, not part of `make test`: byte-for-byte parity with llama.cpp's convert_hf_to_gguf.py and runs in
 # llama.cpp. Installs llama-cpp-python from its source release (this compiles llama.cpp: about 6-8 minutes
