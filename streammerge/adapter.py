@@ -488,6 +488,7 @@ def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapt
             module, kind, a, b, r, alpha, scaling, fan_in_fan_out and kind == "linear", bias, magnitude
         )
     _check_dora(ad, wfile)
+    _check_tokens_not_saved_whole(ad, adir)
     for ref in mirrors:
         twin = next((t.values for t in ad.tokens.values() if t.values.shape == ref.shape), None)
         if twin is None:
@@ -522,3 +523,17 @@ def _check_dora(ad: Adapter, wfile: str) -> None:
                 details=extra,
                 hint="set use_dora to true if this is a DoRA adapter, or remove the magnitudes",
             )
+
+
+def _check_tokens_not_saved_whole(ad: Adapter, adir: Path) -> None:
+    """Trainable tokens on a layer that ``modules_to_save`` also trains whole: PEFT builds a model whose
+    forward raises ("TrainableTokensLayer wraps an unknown layer type") and whose merge keeps its wrappers,
+    so there is no model to reproduce (found by the PEFT-oracle fuzz)."""
+    saved = ad.config.get("modules_to_save") or []
+    both = sorted(m for m in ad.tokens if any(m == s or m.endswith("." + s) for s in saved))
+    if both:
+        raise AdapterError(
+            f"{adir / CONFIG_NAME}: 'modules_to_save' and 'trainable_token_indices' both train {', '.join(both)}: "
+            "PEFT's model for this adapter cannot run (its forward raises) and its merge keeps the wrappers",
+            hint="train the layer either whole (modules_to_save) or by token (trainable_token_indices), not both",
+        )

@@ -171,3 +171,16 @@ def test_conv1d_table_matches_the_modules_transformers_builds(arch):
     for name, module in model.named_modules():
         if isinstance(module, (Conv1D, torch.nn.Linear)):
             assert is_conv1d(model_type, name) == isinstance(module, Conv1D), name
+
+
+def test_tokens_and_modules_to_save_on_one_layer_are_refused(tmp_path):
+    """Found by the PEFT-oracle fuzz (seed 3): PEFT saves such an adapter, but its model cannot run a forward
+    pass and its merge_and_unload leaves wrapper keys behind; streammerge merged it silently."""
+    model = build_model("llama", torch.float32)
+    base = save_base(model, tmp_path / "base")
+    ad = build_adapter(
+        model, tmp_path / "ad", r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+        trainable_token_indices=[0, 3],
+    )  # fmt: skip
+    with pytest.raises(AdapterError, match="'modules_to_save' and 'trainable_token_indices' both train"):
+        streammerge.merge(base, ad, tmp_path / "out")
