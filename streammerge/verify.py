@@ -1,5 +1,19 @@
 """Verification of a finished output: complete and consistent, and (given the inputs) equal to a
-recomputation, bit for bit."""
+recomputation, bit for bit.
+
+:func:`verify_output` is the one entry point (``streammerge verify`` and ``merge --verify``). It tells
+the output's kind from its report's ``options.save_method`` (from the files present when the report is
+missing or names no kind, which is itself a problem) and checks it with that kind's rules:
+
+- ``merged_16bit``, ``merged_4bit``, ``merged_fp8``, ``mxfp4``, plain or ``--compress zstd``
+  (``*.safetensors.zst`` shards, the index naming them): :func:`verify` (index <-> shards <-> headers,
+  the report's files, bytes and checksums; with the inputs, tensors recomputed bit for bit), then the
+  kind's format (:func:`_format_rules`): config.json's ``quantization_config`` and the stored tensors
+  read back as that format, as streammerge reads a base;
+- ``lora``: :func:`verify_lora` (the adapter folder; with the input adapter, its tensors compared);
+- ``gguf``: :func:`verify_gguf` (read back by gguf-py, size and checksum, the Ollama Modelfile; the
+  tensors are not recomputed).
+"""
 
 from __future__ import annotations
 
@@ -9,20 +23,36 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import hub
-from .errors import StreamMergeError
-from .options import MergeOptions, QuantOut
+from .errors import OutputError, StreamMergeError
+from .options import SAVE_METHODS, MergeOptions, QuantOut
+from .report import REPORT_NAME
 from .sinks.outdir import algo_of, file_checksum
-from .source import Checkpoint, Reader, open_checkpoint, split_adapter_spec
+from .source import Checkpoint, Reader, open_checkpoint, parse_header, split_adapter_spec, tensor_bytes
+
+#: the quantized kinds: config.json's ``quantization_config.quant_method`` and the stored format's label
+QUANT_KINDS = {
+    "merged_4bit": ("bitsandbytes", "bitsandbytes 4-bit"),
+    "merged_fp8": ("fp8", "FP8 block-scaled"),
+    "mxfp4": ("mxfp4", "MXFP4"),
+}
+SAFETENSORS_KINDS = ("merged_16bit", *QUANT_KINDS)
+LORA_WEIGHTS = "adapter_model.safetensors"
+LORA_CONFIG = "adapter_config.json"
+MODELFILE = "Modelfile"
 
 
 @dataclass
 class VerifyReport:
     out: str
+    kind: str = ""  # the output kind checked (a save method), "unknown" when none could be told
+    kind_from: str = ""  # where the kind came from: "report" (options.save_method) or "files" (the files present)
+    compressed: bool = False  # zstd-compressed shards (*.safetensors.zst)
     files: int = 0
     tensors: int = 0
     checksums_checked: int = 0
-    recomputed: int = 0
+    recomputed: int = 0  # tensors recomputed from the inputs (lora: compared with the input adapter's)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -30,6 +60,131 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
+
+
+def _first_line(e: StreamMergeError) -> str:
+    """The error's message, with its first details (which tensors, which keys) on the same line."""
+    msg = e.message
+    if e.details:
+        more = f" and {len(e.details) - 3} more" if len(e.details) > 3 else ""
+        msg += f": {', '.join(e.details[:3])}{more}"
+    return msg
+
+
+def _read_report(out: Path) -> tuple[dict | None, str]:
+    """The output's report, or None and why not ("missing", "unreadable (...)")."""
+    path = out / REPORT_NAME
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, ValueError) as e:
+        return None, f"unreadable ({e})"
+    if not isinstance(report, dict):
+        return None, f"unreadable (a JSON {type(report).__name__}, not an object)"
+    return report, ""
+
+
+def _shown(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _kind_from_files(out: Path) -> tuple[str | None, str]:
+    """The output kind the files in ``out`` show, and the evidence (or None and what was found)."""
+    names = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
+    ggufs = [n for n in names if n.endswith(".gguf")]
+    if ggufs:
+        return "gguf", _shown(ggufs)
+    if LORA_WEIGHTS in names or LORA_CONFIG in names:
+        return "lora", _shown([n for n in names if n in (LORA_CONFIG, LORA_WEIGHTS)])
+    shards = [n for n in names if n.endswith((".safetensors", ".safetensors.zst", ".safetensors.index.json"))]
+    if not shards:
+        return None, _shown(names, 8) if names else "nothing (an empty directory)"
+    try:
+        qc = json.loads((out / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        qc = None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method is None:
+        return "merged_16bit", f"{_shown(shards)}, no quantization_config"
+    for kind, (want, _) in QUANT_KINDS.items():
+        if method == want and (kind != "merged_4bit" or qc.get("load_in_4bit")):
+            return kind, f"{_shown(shards)}, config.json quantization_config.quant_method {method!r}"
+    return None, f"{_shown(shards)} quantized with {method!r} (config.json), which streammerge does not write"
+
+
+def _kind(out: Path) -> tuple[str | None, str, list[str], bool]:
+    """(kind, where it came from, problems, whether the report is readable) of the output at ``out``."""
+    rp = out / REPORT_NAME
+    report, why = _read_report(out)
+    if report is not None:
+        opts = report.get("options")
+        sm = opts.get("save_method") if isinstance(opts, dict) else None
+        if isinstance(sm, str) and sm in SAVE_METHODS:
+            seen, evidence = _kind_from_files(out)
+            if seen is not None and seen != sm:
+                return (
+                    sm,
+                    "report",
+                    [f"{rp}: records a {sm} output, but the files present are a {seen} one: {evidence}"],
+                    True,
+                )
+            return sm, "report", [], True
+        why = (
+            "records no options.save_method"
+            if sm is None
+            else f"records options.save_method {sm!r}, no kind of output streammerge writes ({', '.join(SAVE_METHODS)})"
+        )
+    kind, evidence = _kind_from_files(out)
+    if kind is None:
+        return None, "", [f"{rp}: {why}, and the files present are no streammerge output: found {evidence}"], False
+    if report is None:
+        why += " (no recorded kind, sizes or checksums)"
+    return kind, "files", [f"{rp}: {why}; checked as {kind}, what the files present show: {evidence}"], bool(report)
+
+
+def verify_output(
+    out: str | Path,
+    base: str | Path | None = None,
+    adapters: list | tuple = (),
+    sample: int | None = None,
+    device: str = "cpu",
+) -> VerifyReport:
+    """Check any output streammerge writes with its kind's rules (see the module's doc); ``base`` and
+    ``adapters`` (both, or neither): also compare it with what these inputs give (``sample`` tensors
+    recomputed, all when None; a gguf output is read back only, said in the notes)."""
+    out = Path(out)
+    if not out.is_dir():
+        rep = VerifyReport(str(out), kind="unknown")
+        what = "is not a directory" if out.exists() else "does not exist"
+        rep.problems.append(f"{out}: {what}: no streammerge output to verify")
+        return rep
+    kind, kind_from, lead, report_ok = _kind(out)
+    if kind is None:
+        rep = VerifyReport(str(out), kind="unknown")
+        rep.problems += lead
+        return rep
+    given = base is not None and bool(adapters)
+    if kind == "gguf":
+        rep = verify_gguf(out)
+        if given:
+            rep.notes.append(
+                "gguf: read back only (gguf-py: header, keys, tensor infos, every tensor's data inside the file; "
+                "size and checksum as recorded); its tensors are not recomputed from --base/--adapter "
+                "(merge --verify does not either)"
+            )
+    elif kind == "lora":
+        rep = verify_lora(out, base, adapters)
+    else:
+        rep = verify(out, base, adapters, sample, device)
+        _format_rules(out, kind, rep)
+        rep.compressed = any(out.glob("*.safetensors.zst"))
+    rep.kind, rep.kind_from = kind, kind_from
+    if not report_ok:  # the lead problem says it once
+        rp = f"{out / REPORT_NAME}: "
+        rep.problems = [p for p in rep.problems if not p.startswith(rp)]
+    rep.problems[:0] = lead
+    return rep
 
 
 def _structure(out: Path, rep: VerifyReport) -> tuple[Checkpoint | None, dict | None]:
@@ -44,7 +199,7 @@ def _structure(out: Path, rep: VerifyReport) -> tuple[Checkpoint | None, dict | 
         total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
         if total != ckpt.total_bytes:
             rep.problems.append(f"{index}: total_size {total} but the shards hold {ckpt.total_bytes} bytes")
-    report_path = out / "streammerge_report.json"
+    report_path = out / REPORT_NAME
     if not report_path.exists():
         rep.problems.append(f"{report_path}: missing (no checksums to compare)")
         return ckpt, None
@@ -59,7 +214,13 @@ def _structure(out: Path, rep: VerifyReport) -> tuple[Checkpoint | None, dict | 
         rep.problems.append(f"{out / missing}: listed in the report but missing")
     for extra in sorted(on_disk - set(shards)):
         rep.problems.append(f"{out / extra}: not listed in the report")
+    held: dict[str, int] = {}
+    for t in ckpt.tensors.values():
+        held[Path(t.file).name] = held.get(Path(t.file).name, 0) + t.nbytes
     for name in sorted(on_disk & set(shards)):
+        want_bytes = shards[name].get("bytes")
+        if isinstance(want_bytes, int) and want_bytes != held.get(name, 0):
+            rep.problems.append(f"{out / name}: holds {held.get(name, 0)} tensor bytes, the report says {want_bytes}")
         want = shards[name].get("checksum")
         if want is None:
             continue
@@ -78,8 +239,10 @@ def verify(
     sample: int | None = None,
     device: str = "cpu",
 ) -> VerifyReport:
-    """Check ``out``: index, shard headers and files agree; shard checksums match the report; and, with
-    ``base`` and ``adapters``, ``sample`` tensors (all when None) recomputed equal the written ones."""
+    """A safetensors output (merged_16bit, merged_4bit, merged_fp8, mxfp4; plain or zstd): index, shard
+    headers and files agree; shard sizes and checksums match the report; and, with ``base`` and
+    ``adapters``, ``sample`` tensors (all when None) recomputed equal the written ones. The kind's own
+    format rules are :func:`verify_output`'s."""
     from .execute import Executor
     from .options import resolve_device
     from .plan import plan_merge
@@ -143,25 +306,211 @@ def verify(
     return rep
 
 
-def verify_gguf(out: str | Path) -> VerifyReport:
-    """A GGUF output: the file the report names, with its size and checksum, read back by gguf-py
-    (header, keys, tensor infos) with every tensor's data inside the file."""
+def _format_rules(out: Path, kind: str, rep: VerifyReport) -> None:
+    """A safetensors output of ``kind`` read back as streammerge reads a base: config.json's
+    quantization_config is the kind's (none for merged_16bit), every quantized weight's companion
+    tensors are there and fit, and the weights are stored in the kind's format and no other."""
+    from . import formats
+
+    try:
+        ckpt = open_checkpoint(out)
+    except StreamMergeError:
+        return  # verify() said why
+    cfg = out / "config.json"
+    qc = ckpt.config.get("quantization_config")
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    want, label = QUANT_KINDS.get(kind, (None, None))
+    if want is None and qc is not None:
+        rep.problems.append(f"{cfg}: has a quantization_config ({method!r}); a {kind} output is dense")
+    elif want is not None and method != want:
+        rep.problems.append(f"{cfg}: quantization_config.quant_method is {method!r}; a {kind} output has {want!r}")
+    elif kind == "merged_4bit" and qc.get("load_in_4bit") is not True:
+        rep.problems.append(f"{cfg}: quantization_config.load_in_4bit is not true in a merged_4bit output")
+    reader = Reader()
+    try:
+        logical = formats.logical_tensors(ckpt, lambda ref: bytes(reader.raw(ref)))
+    except StreamMergeError as e:
+        rep.problems.append(_first_line(e))
+        return
+    finally:
+        reader.close()
+    counts = formats.quantized_counts(logical)
+    for other, n in counts.items():
+        if other != label:
+            rep.problems.append(f"{out}: holds {n} {other} weight(s), which a {kind} output does not")
+    if label is not None and not counts.get(label):
+        rep.problems.append(f"{out}: holds no {label} weight, which a {kind} output stores its quantized weights as")
+
+
+def _strict_json(path: Path, rep: VerifyReport) -> dict | None:
+    """A JSON object as streammerge writes it (strict: no NaN or Infinity), or None and a problem."""
+
+    def refuse(token: str):
+        raise ValueError(f"{token} is not JSON")
+
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+    except FileNotFoundError:
+        rep.problems.append(f"{path}: missing")
+        return None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        rep.problems.append(f"{path}: not strict JSON ({e})")
+        return None
+    if not isinstance(obj, dict):
+        rep.problems.append(f"{path}: a JSON {type(obj).__name__}, not an object")
+        return None
+    return obj
+
+
+def verify_lora(out: str | Path, base: str | Path | None = None, adapters: list | tuple = ()) -> VerifyReport:
+    """A lora output (the normalized adapter folder): adapter_config.json strict JSON and a valid LoRA
+    config; adapter_model.safetensors' header valid, its keys as PEFT's save_pretrained writes them, its
+    tensors and bytes (and checksum, when recorded) as the report says; the folder loads as an adapter.
+    With ``adapters`` (the one input adapter): its tensors, after key normalisation, and its config are
+    the output's, byte for byte; with ``base`` too, the output still fits the base."""
+    from .adapter import load_adapter
+    from .sinks.lora import normalized_adapter_key
+
     out = Path(out)
     rep = VerifyReport(str(out))
+    cfg = _strict_json(out / LORA_CONFIG, rep)
+    st = out / LORA_WEIGHTS
+    header = None
+    if not st.is_file():
+        rep.problems.append(f"{st}: missing")
+    else:
+        rep.files = 1
+        try:
+            header = parse_header(st, error_cls=OutputError)
+        except StreamMergeError as e:
+            rep.problems.append(_first_line(e))
+    if header is not None:
+        rep.tensors = len(header.tensors)
+        odd = sorted(k for k in header.tensors if normalized_adapter_key(k) != k)
+        if odd:
+            rep.problems.append(f"{st}: {len(odd)} key(s) not as PEFT's save_pretrained writes them: {_shown(odd, 3)}")
+    report, why = _read_report(out)
+    rp = out / REPORT_NAME
+    if report is None:
+        rep.problems.append(f"{rp}: {why} (no tensor count, bytes or checksum to compare)")
+    else:
+        recs = report.get("shards")
+        rec = (
+            next((r for r in recs if isinstance(r, dict) and r.get("file") == LORA_WEIGHTS), None)
+            if isinstance(recs, list)
+            else None
+        )
+        if rec is None:
+            rep.problems.append(f"{rp}: records no {LORA_WEIGHTS}")
+        elif st.is_file():
+            if header is not None:
+                data = sum(t.nbytes for t in header.tensors.values())
+                if rec.get("tensors") != len(header.tensors):
+                    rep.problems.append(f"{st}: {len(header.tensors)} tensors, the report says {rec.get('tensors')}")
+                if rec.get("bytes") != data:
+                    rep.problems.append(f"{st}: {data} tensor bytes, the report says {rec.get('bytes')}")
+            want = rec.get("checksum")
+            if want:
+                rep.checksums_checked = 1
+                if file_checksum(st, algo_of(want)) != want:
+                    rep.problems.append(
+                        f"{st}: {algo_of(want)} checksum differs from the report (corrupted or modified)"
+                    )
+    if cfg is not None and header is not None:
+        reader = Reader()
+        try:
+            load_adapter(out, reader)  # config rules, every module's lora_A/lora_B with the config's rank
+        except StreamMergeError as e:
+            rep.problems.append(f"{out}: not a valid LoRA adapter: {_first_line(e)}")
+        finally:
+            reader.close()
+    if adapters and header is not None:
+        _compare_lora(out, header.tensors, cfg, base, adapters, rep)
+    return rep
+
+
+def _compare_lora(out: Path, got: dict, cfg: dict | None, base, adapters, rep: VerifyReport) -> None:
+    from .adapter import load_adapter
+    from .plan import plan_merge
+    from .sinks.lora import normalized_adapter_key
+
+    specs = [(str(a[0]), float(a[1])) if isinstance(a, tuple) else split_adapter_spec(str(a)) for a in adapters]
+    if len(specs) != 1 or specs[0][1] != 1.0:
+        rep.problems.append("a lora output is one adapter, unweighted: pass exactly one --adapter, without :WEIGHT")
+        return
+    st = out / LORA_WEIGHTS
+    reader = Reader()
     try:
-        report = json.loads((out / "streammerge_report.json").read_text())
-        (rec,) = report["shards"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        rep.problems.append(f"{out / 'streammerge_report.json'}: missing or unreadable ({e})")
+        ad = load_adapter(hub.resolve(specs[0][0], "adapter").path, reader)
+        want = {normalized_adapter_key(r.name): r for r in ad.tensors.values()}
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        if missing or extra:
+            rep.problems.append(
+                f"{st}: its tensors are not the input adapter's ({ad.weights_file}): "
+                f"{len(missing)} missing ({_shown(missing, 3)}), {len(extra)} extra ({_shown(extra, 3)})"
+            )
+        bad = []
+        for key in sorted(set(want) & set(got)):
+            w, g = want[key], got[key]
+            data = reader.raw(w) if w.offset >= 0 else tensor_bytes(reader.tensor(w))
+            if (w.dtype, tuple(w.shape)) != (g.dtype, tuple(g.shape)) or bytes(data) != bytes(reader.raw(g)):
+                bad.append(key)
+            rep.recomputed += 1
+        if bad:
+            rep.problems.append(f"{st}: {len(bad)} tensor(s) differ from the input adapter's: {_shown(bad, 3)}")
+        if cfg is not None and cfg != ad.config:
+            rep.problems.append(f"{out / LORA_CONFIG}: differs from the input adapter's {LORA_CONFIG}")
+        if base is not None:
+            plan_merge(hub.resolve(base, "base").path, [(str(out), 1.0)], MergeOptions(save_method="lora"), reader)
+    except StreamMergeError as e:
+        rep.problems.append(f"cannot compare with the inputs: {_first_line(e)}")
+    finally:
+        reader.close()
+
+
+def verify_gguf(out: str | Path) -> VerifyReport:
+    """A GGUF output: the file the report names, with its size and checksum, read back by gguf-py
+    (header, keys, tensor infos) with every tensor's data inside the file; the Ollama Modelfile beside
+    it (there when the report says it was written) names it in its FROM line. Without a report: the one
+    .gguf file present, read back."""
+    out = Path(out)
+    rep = VerifyReport(str(out))
+    rp = out / REPORT_NAME
+    report, why = _read_report(out)
+    ggufs = sorted(p.name for p in out.glob("*.gguf") if p.is_file())
+    rec = None
+    if report is None:
+        rep.problems.append(f"{rp}: {why} (no size or checksum to compare)")
+    else:
+        recs = report.get("shards")
+        if isinstance(recs, list) and len(recs) == 1 and isinstance(recs[0], dict) and recs[0].get("file"):
+            rec = recs[0]
+        else:
+            rep.problems.append(f"{rp}: does not record one GGUF file (shards: {recs!r:.200})")
+    if rec is not None:
+        path = out / rec["file"]
+        for extra in ggufs:
+            if extra != path.name:
+                rep.problems.append(f"{out / extra}: not listed in the report")
+    elif len(ggufs) == 1:
+        path = out / ggufs[0]
+    else:
+        rep.problems.append(f"{out}: {len(ggufs)} .gguf files ({_shown(ggufs) or 'none'}); a gguf output has one")
         return rep
-    path = out / rec["file"]
-    if not path.is_file() or path.stat().st_size != rec["bytes"]:
-        rep.problems.append(f"{path}: missing or not {rec['bytes']} bytes as the report says")
+    if not path.is_file():
+        rep.problems.append(f"{path}: missing (the report names it)")
+        _modelfile(out, path, report, rep)
         return rep
     rep.files = 1
-    if file_checksum(path, algo_of(rec["checksum"])) != rec["checksum"]:
-        rep.problems.append(f"{path}: checksum differs from the report's {rec['checksum']}")
-    rep.checksums_checked = 1
+    size = path.stat().st_size
+    if rec is not None:
+        if rec.get("bytes") != size:
+            rep.problems.append(f"{path}: {size} bytes, the report says {rec.get('bytes')}")
+        if rec.get("checksum"):
+            rep.checksums_checked = 1
+            if file_checksum(path, algo_of(rec["checksum"])) != rec["checksum"]:
+                rep.problems.append(f"{path}: checksum differs from the report's {rec['checksum']}")
+    _modelfile(out, path, report, rep)
     try:
         from gguf import GGUFReader
 
@@ -170,10 +519,38 @@ def verify_gguf(out: str | Path) -> VerifyReport:
         rep.problems.append(f"{path}: gguf-py cannot read it ({e})")
         return rep
     rep.tensors = len(tensors)
-    size = path.stat().st_size
     for t in tensors:
         if t.data_offset + t.n_bytes > size:
             rep.problems.append(f"{path}: tensor {t.name} runs past the end of the file")
-    if rec.get("tensors") is not None and rec["tensors"] > len(tensors):
+    if rec is not None and isinstance(rec.get("tensors"), int) and rec["tensors"] > len(tensors):
         rep.problems.append(f"{path}: {len(tensors)} tensors, the report announced at least {rec['tensors']}")
     return rep
+
+
+def _modelfile(out: Path, gguf_path: Path, report: dict | None, rep: VerifyReport) -> None:
+    """The Ollama Modelfile: present when the report's notes say it was written; one FROM line (outside
+    the triple-quoted TEMPLATE), naming the GGUF file."""
+    mf = out / MODELFILE
+    notes = report.get("notes") if report is not None else None
+    written = isinstance(notes, list) and any(isinstance(n, str) and n.startswith("Modelfile:") for n in notes)
+    if not mf.is_file():
+        if written:
+            rep.problems.append(f"{mf}: missing (the report says it was written)")
+        return
+    try:
+        text = mf.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
+        rep.problems.append(f"{mf}: unreadable ({e})")
+        return
+    froms, quoted = [], False
+    for line in text.splitlines():
+        words = line.split(None, 1)
+        if not quoted and words and words[0].upper() == "FROM":
+            froms.append(words[1].strip() if len(words) > 1 else "")
+        quoted ^= line.count('"""') % 2 == 1
+    if len(froms) != 1:
+        rep.problems.append(f"{mf}: {len(froms)} FROM lines; it needs one, naming {gguf_path.name}")
+        return
+    target = froms[0].strip('"')
+    if not target or (out / target).resolve() != gguf_path.resolve():
+        rep.problems.append(f"{mf}: FROM names {target!r}, not the GGUF file {gguf_path.name}")

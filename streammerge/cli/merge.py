@@ -214,23 +214,18 @@ def run(args, log) -> int:
     )
     for w in report.warnings:
         log.warning(w)
-    if args.verify and not args.dry_run and args.save_method == "gguf":
+    if args.verify and not args.dry_run:
         from ..errors import VerifyError
-        from ..verify import verify_gguf
-
-        vr = verify_gguf(out)
-        if not vr.ok:
-            raise VerifyError(f"{out}: verification failed", details=vr.problems)
-        log.info("verified: %s read back by gguf-py, %d tensors, checksum as recorded", out, vr.tensors)
-    elif args.verify and not args.dry_run:
-        from ..errors import VerifyError
-        from ..verify import verify
+        from ..verify import verify_output
 
         base_path = report.base_source.get("path", report.base)
-        vr = verify(out, base_path, [adapter, *args.extra_adapters], args.verify_sample)
+        vr = verify_output(out, base_path, [adapter, *args.extra_adapters], args.verify_sample)
         if not vr.ok:
             raise VerifyError(f"{out}: verification failed", details=vr.problems)
-        log.info("verified: %d shard checksums, %d tensors recomputed bit for bit", vr.checksums_checked, vr.recomputed)
+        log.info(
+            "verified (%s): %d checksum(s), %d tensors recomputed bit for bit", vr.kind, vr.checksums_checked,
+            vr.recomputed,
+        )  # fmt: skip
     if args.verify and args.push_to_hub and not args.dry_run:
         from ..hub import push
 

@@ -34,7 +34,8 @@ def write_lora(ad: Adapter, out: Path, reader, report, direct: bool = True) -> N
         specs = [(normalized_adapter_key(r.name), r.dtype, r.shape) for r in refs]
         if len({s[0] for s in specs}) != len(specs):
             raise OutputError(f"{ad.weights_file}: keys collide once the adapter name is removed")
-        writer = ShardWriter(work / "adapter_model.safetensors", specs, {"format": "pt"}, direct=direct)
+        algo = report.options.get("checksum", "xxh3")
+        writer = ShardWriter(work / "adapter_model.safetensors", specs, {"format": "pt"}, checksum=algo, direct=direct)
         try:
             for (name, _, _), ref in zip(specs, refs, strict=True):
                 data = reader.raw(ref) if ref.offset >= 0 else tensor_bytes(reader.tensor(ref))
@@ -47,7 +48,9 @@ def write_lora(ad: Adapter, out: Path, reader, report, direct: bool = True) -> N
         for name, p in tokenizer_files(ad.path).items():
             copy_file(p, work / name)
         total = sum(r.nbytes for r in refs)
-        report.shards = [{"file": "adapter_model.safetensors", "bytes": total, "tensors": len(refs)}]
+        report.shards = [
+            {"file": "adapter_model.safetensors", "bytes": total, "tensors": len(refs), "checksum": writer.checksum}
+        ]
         report.total_size = total
         write_json(work / REPORT_NAME, report.to_dict())
         commit_work_dir(work, out)
