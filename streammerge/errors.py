@@ -48,6 +48,15 @@ class OutputError(StreamMergeError):
     """The output location is unusable, or writing failed."""
 
 
+class WorkerLost(OutputError):
+    """The worker process or node running a shard died before it returned (the task is resubmitted)."""
+
+    def __init__(self, error: BaseException):
+        self.kind = type(error).__name__  # the executor's error: NodeDiedError, WorkerCrashedError, ...
+        lines = str(error).strip().splitlines()
+        super().__init__(f"{self.kind}: {lines[0] if lines else self.kind}")
+
+
 class NonFiniteError(StreamMergeError):
     """NaN or Inf found in an adapter tensor or produced by a merge."""
 
