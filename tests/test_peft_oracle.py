@@ -173,9 +173,14 @@ def _peft_reference(base: Path, adapter: Path, out: Path):
 
 
 def _expected_refusal(cfg: dict, edits: dict) -> str | None:
+    """The deliberate differences from PEFT (README): what streammerge refuses although PEFT's merge runs."""
     init = edits.get("init_lora_weights", cfg.get("init_lora_weights"))
     if isinstance(init, str) and init.startswith(tuple(REWRITING)):
         return "init_lora_weights"
+    tokens = cfg.get("trainable_token_indices")
+    token_layers = set(tokens) if isinstance(tokens, dict) else {"embed_tokens"} if tokens else set()
+    if token_layers & set(cfg.get("modules_to_save") or ()):  # PEFT's model cannot even run its forward
+        return "trainable_token_indices"
     return None
 
 
