@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import psutil
 
 from .errors import InputError, UsageError
+from .outputs import SAVE_METHODS, output  # noqa: F401  (re-exported)
 from .source import DTYPE_ALIASES
 
 # --gguf-type: what llama.cpp's converter writes itself, and the k-quants its quantizer makes from that
@@ -16,7 +17,6 @@ KQUANTS = (
     "q5_0", "q5_1", "q5_k_s", "q5_k_m", "q6_k",
 )  # fmt: skip
 ALL_TYPES = GGUF_TYPES + KQUANTS
-SAVE_METHODS = ("merged_16bit", "merged_4bit", "merged_fp8", "mxfp4", "gguf", "lora")
 DEFAULT_MAX_MEMORY = "128MiB"
 CHECKSUMS = ("xxh3", "crc32", "sha256")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -135,7 +135,7 @@ def parse_compress(spec: str | int | None) -> int | None:
 def _quant_out(save_method: str, quant_type, blocksize, double_quant) -> QuantOut | None:
     if quant_type is None and blocksize is None and double_quant is None:
         return None
-    if save_method != "merged_4bit":
+    if "quant" not in output(save_method).takes:
         raise UsageError("--quant-type/--blocksize/--double-quant only apply to --save-method merged_4bit")
     if quant_type not in (None, "nf4", "fp4"):
         raise UsageError(f"unknown quant type {quant_type!r}", hint="use nf4 or fp4")
@@ -147,7 +147,7 @@ def _quant_out(save_method: str, quant_type, blocksize, double_quant) -> QuantOu
 def _gguf_type(save_method: str, gguf_type: str | None) -> str:
     if gguf_type is None:
         return "auto"
-    if save_method != "gguf":
+    if "gguf_type" not in output(save_method).takes:
         raise UsageError("--gguf-type only applies to --save-method gguf")
     if gguf_type.lower() not in ALL_TYPES:
         raise UsageError(f"unknown GGUF type {gguf_type!r}", hint=f"use one of {', '.join(ALL_TYPES)}")
@@ -170,8 +170,7 @@ def make_options(
     gguf_type: str | None = None,
 ) -> MergeOptions:
     """Validated :class:`MergeOptions` from user-facing values. ``compress``: ``zstd[:LEVEL]``."""
-    if save_method not in SAVE_METHODS:
-        raise UsageError(f"unknown save method {save_method!r}", hint=f"use one of {', '.join(SAVE_METHODS)}")
+    out = output(save_method)
     opts = MergeOptions(
         dtype=resolve_dtype(dtype),
         shard_size=parse_size(shard_size),
@@ -187,6 +186,6 @@ def make_options(
     )
     if checksum not in CHECKSUMS:
         raise UsageError(f"unknown checksum {checksum!r}", hint=f"use one of {', '.join(CHECKSUMS)}")
-    if opts.compress is not None and save_method == "lora":
+    if opts.compress is not None and not out.compressible:
         raise UsageError("--compress applies to merged outputs, not --save-method lora")
     return opts

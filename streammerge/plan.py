@@ -15,7 +15,7 @@ from .errors import AdapterError
 from .formats import Source
 from .match import OUT_KEY, Dora, LowRank, Match, ModuleRecord, RowReplace, Update, match_adapters
 from .options import MergeOptions
-from .sinks import ENCODINGS
+from .outputs import output
 from .source import CONFIG_DTYPE_NAME, DTYPES, FLOAT_DTYPES, Checkpoint, TensorRef, numel, open_checkpoint
 
 __all__ = ["Dora", "LowRank", "MergePlan", "ShardPlan", "TensorJob", "build_plan", "plan_merge"]
@@ -128,7 +128,7 @@ def _out_dtype(src: Source, target: str | None) -> str:
 
 def _jobs(logical: dict[str, Source], match: Match, opts: MergeOptions) -> list[TensorJob]:
     target = None if opts.dtype == "auto" else opts.dtype
-    choose = ENCODINGS[opts.save_method][0] if opts.save_method in ENCODINGS else None
+    choose = output(opts.save_method).encoding_for
     embed_key = match.embed_key
 
     def job_for(name: str, base_src: Source | None) -> TensorJob:
@@ -182,8 +182,9 @@ def _config(ckpt: Checkpoint, logical: dict, jobs: list[TensorJob], match: Match
     out_float = target or next((d for f in present if (d := f.dense_config_dtype(ckpt.config))), None)
     if out_float:
         set_config_dtype(config, out_float)
-    if opts.save_method in ENCODINGS:
-        ENCODINGS[opts.save_method][1](config, ckpt.config, jobs, match.embed_key, ckpt.path, notes)
+    edit = output(opts.save_method).edit_config
+    if edit is not None:
+        edit(config, ckpt.config, jobs, match.embed_key, ckpt.path, notes)
     if match.untie:
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:

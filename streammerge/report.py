@@ -7,6 +7,7 @@ from pathlib import Path
 
 import psutil
 
+from .outputs import output
 from .version import __version__
 
 REPORT_NAME = "streammerge_report.json"
@@ -118,9 +119,7 @@ def new_report(base, ads: list, out: Path, opts, plan, dev, dry_run: bool = Fals
         merged_onto=plan.merged_onto,
         warnings=list(plan.warnings),
     )
-    if opts.save_method == "merged_4bit":
-        report.warnings.append(
-            "merged_4bit re-quantizes the merged weights: the result is less precise than merged_16bit "
-            "(each weight moves to the nearest 4-bit code after the merge)"
-        )
+    warning = output(opts.save_method).warning
+    if warning:
+        report.warnings.append(warning)
     return report

@@ -24,18 +24,14 @@ from pathlib import Path
 
 from . import hub
 from .errors import OutputError, StreamMergeError
-from .options import SAVE_METHODS, MergeOptions, QuantOut
+from .options import MergeOptions, QuantOut
+from .outputs import ADAPTER, GGUF, OUTPUTS, SAVE_METHODS, SHARDS
 from .report import REPORT_NAME
 from .sinks.outdir import algo_of, file_checksum
 from .source import Checkpoint, Reader, open_checkpoint, parse_header, split_adapter_spec, tensor_bytes
 
-#: the quantized kinds: config.json's ``quantization_config.quant_method`` and the stored format's label
-QUANT_KINDS = {
-    "merged_4bit": ("bitsandbytes", "bitsandbytes 4-bit"),
-    "merged_fp8": ("fp8", "FP8 block-scaled"),
-    "mxfp4": ("mxfp4", "MXFP4"),
-}
-SAFETENSORS_KINDS = ("merged_16bit", *QUANT_KINDS)
+#: the output kind holding no quantization_config (the registry's dense safetensors output)
+DENSE = next(o.name for o in OUTPUTS.values() if o.container == SHARDS and o.quant_method is None)
 LORA_WEIGHTS = "adapter_model.safetensors"
 LORA_CONFIG = "adapter_config.json"
 MODELFILE = "Modelfile"
@@ -85,6 +81,11 @@ def _read_report(out: Path) -> tuple[dict | None, str]:
     return report, ""
 
 
+def _of(container: str) -> str:
+    """The one output kind written in ``container`` (a GGUF file, an adapter folder)."""
+    return next(o.name for o in OUTPUTS.values() if o.container == container)
+
+
 def _shown(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
@@ -94,9 +95,9 @@ def _kind_from_files(out: Path) -> tuple[str | None, str]:
     names = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
     ggufs = [n for n in names if n.endswith(".gguf")]
     if ggufs:
-        return "gguf", _shown(ggufs)
+        return _of(GGUF), _shown(ggufs)
     if LORA_WEIGHTS in names or LORA_CONFIG in names:
-        return "lora", _shown([n for n in names if n in (LORA_CONFIG, LORA_WEIGHTS)])
+        return _of(ADAPTER), _shown([n for n in names if n in (LORA_CONFIG, LORA_WEIGHTS)])
     shards = [n for n in names if n.endswith((".safetensors", ".safetensors.zst", ".safetensors.index.json"))]
     if not shards:
         return None, _shown(names, 8) if names else "nothing (an empty directory)"
@@ -106,10 +107,10 @@ def _kind_from_files(out: Path) -> tuple[str | None, str]:
         qc = None
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     if method is None:
-        return "merged_16bit", f"{_shown(shards)}, no quantization_config"
-    for kind, (want, _) in QUANT_KINDS.items():
-        if method == want and (kind != "merged_4bit" or qc.get("load_in_4bit")):
-            return kind, f"{_shown(shards)}, config.json quantization_config.quant_method {method!r}"
+        return DENSE, f"{_shown(shards)}, no quantization_config"
+    for o in OUTPUTS.values():
+        if o.quant_method is not None and method == o.quant_method and (o.quant_flag is None or qc.get(o.quant_flag)):
+            return o.name, f"{_shown(shards)}, config.json quantization_config.quant_method {method!r}"
     return None, f"{_shown(shards)} quantized with {method!r} (config.json), which streammerge does not write"
 
 
@@ -165,7 +166,8 @@ def verify_output(
         rep.problems += lead
         return rep
     given = base is not None and bool(adapters)
-    if kind == "gguf":
+    container = OUTPUTS[kind].container
+    if container == GGUF:
         rep = verify_gguf(out)
         if given:
             rep.notes.append(
@@ -173,7 +175,7 @@ def verify_output(
                 "size and checksum as recorded); its tensors are not recomputed from --base/--adapter "
                 "(merge --verify does not either)"
             )
-    elif kind == "lora":
+    elif container == ADAPTER:
         rep = verify_lora(out, base, adapters)
     else:
         rep = verify(out, base, adapters, sample, device)
@@ -261,7 +263,7 @@ def verify(
     opts = MergeOptions(
         dtype=o.get("dtype", "auto"),
         shard_size=int(o.get("shard_size", 5_000_000_000)),
-        save_method=o.get("save_method", "merged_16bit"),
+        save_method=o.get("save_method", DENSE),
         allow_nonfinite=True,
         quant=QuantOut(**q) if q else None,
         compress=o.get("compress"),
@@ -319,13 +321,14 @@ def _format_rules(out: Path, kind: str, rep: VerifyReport) -> None:
     cfg = out / "config.json"
     qc = ckpt.config.get("quantization_config")
     method = qc.get("quant_method") if isinstance(qc, dict) else None
-    want, label = QUANT_KINDS.get(kind, (None, None))
+    o = OUTPUTS[kind]
+    want, label = o.quant_method, o.quant_label or None
     if want is None and qc is not None:
         rep.problems.append(f"{cfg}: has a quantization_config ({method!r}); a {kind} output is dense")
     elif want is not None and method != want:
         rep.problems.append(f"{cfg}: quantization_config.quant_method is {method!r}; a {kind} output has {want!r}")
-    elif kind == "merged_4bit" and qc.get("load_in_4bit") is not True:
-        rep.problems.append(f"{cfg}: quantization_config.load_in_4bit is not true in a merged_4bit output")
+    elif o.quant_flag is not None and qc.get(o.quant_flag) is not True:
+        rep.problems.append(f"{cfg}: quantization_config.{o.quant_flag} is not true in a {kind} output")
     reader = Reader()
     try:
         logical = formats.logical_tensors(ckpt, lambda ref: bytes(reader.raw(ref)))
@@ -461,7 +464,9 @@ def _compare_lora(out: Path, got: dict, cfg: dict | None, base, adapters, rep: V
         if cfg is not None and cfg != ad.config:
             rep.problems.append(f"{out / LORA_CONFIG}: differs from the input adapter's {LORA_CONFIG}")
         if base is not None:
-            plan_merge(hub.resolve(base, "base").path, [(str(out), 1.0)], MergeOptions(save_method="lora"), reader)
+            plan_merge(
+                hub.resolve(base, "base").path, [(str(out), 1.0)], MergeOptions(save_method=_of(ADAPTER)), reader
+            )
     except StreamMergeError as e:
         rep.problems.append(f"cannot compare with the inputs: {_first_line(e)}")
     finally:

@@ -94,9 +94,12 @@ def test_only_cli_prints_and_no_reference_libraries_at_run_time():
 
 
 def test_one_module_per_stored_format_and_per_output():
-    from streammerge import formats, sinks
+    from streammerge import formats
+    from streammerge.outputs import OUTPUTS
 
     assert {f.__name__.rsplit(".", 1)[1] for f in formats.FORMATS} == {"bnb4", "bnb8", "fp8", "mxfp4"}
     for f in formats.FORMATS:
         assert callable(f.group) and callable(f.stray) and isinstance(f.LABEL, str)
-    assert set(sinks.ENCODINGS) == {"merged_4bit", "merged_fp8", "mxfp4"}
+    encoded = {name for name, o in OUTPUTS.items() if o.encoding_for is not None}
+    assert encoded == {"merged_4bit", "merged_fp8", "mxfp4"}
+    assert all(callable(OUTPUTS[n].edit_config) for n in encoded)

@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 
+from ..outputs import SAVE_METHODS
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
-SAVE_METHOD_CHOICES = ["merged_16bit", "merged_4bit", "merged_fp8", "mxfp4", "gguf", "lora"]
+SAVE_METHOD_CHOICES = list(SAVE_METHODS)
 EXECUTOR_CHOICES = ["inprocess", "local", "ray"]
 
 

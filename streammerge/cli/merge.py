@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from ..options import CHECKSUMS
+from ..outputs import output, save_method_help
 from .common import (
     DEVICE_CHOICES,
     DTYPE_CHOICES,
@@ -72,11 +73,7 @@ def _output_args(m: argparse.ArgumentParser) -> None:
         "--save-method",
         default="merged_16bit",
         choices=SAVE_METHOD_CHOICES,
-        help="merged_16bit: dense merged model; merged_4bit: merged then re-quantized with bitsandbytes "
-        "(loses precision); merged_fp8 / mxfp4: an FP8 / MXFP4 base stays so (merged weights re-quantized, the "
-        "rest copied); "
-        "gguf: one llama.cpp / Ollama file (see --gguf-type) and a Modelfile; "
-        "lora: no merge, a validated and normalized adapter directory",
+        help=save_method_help(),
     )
     m.add_argument(
         "--gguf-type",
@@ -179,7 +176,7 @@ def print_summary(report, out) -> None:
 def run(args, log) -> int:
     from ..api import merge
 
-    if not args.dry_run and args.save_method != "lora":  # import torch while the inputs are read and planned
+    if not args.dry_run and output(args.save_method).merges:  # import torch while the inputs are read and planned
         threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     progress = not args.no_progress and not args.quiet and sys.stderr.isatty()
     base, adapter, out = (args.base, args.adapter, args.out) if args.out else (None, args.base, args.adapter)

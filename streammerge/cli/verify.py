@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ..outputs import OUTPUTS
 from .common import EXIT_OK, EXIT_USAGE, common_args, print_json
 
 
@@ -33,7 +34,8 @@ def summary(vr) -> str:
         return f"{vr.out}: {status}: no output kind streammerge writes could be told"
     kind = vr.kind + (" (zstd)" if vr.compressed else "")
     source = " (from the files present)" if vr.kind_from == "files" else ""
-    compared = "tensors compared with the input adapter" if vr.kind == "lora" else "tensors recomputed"
+    adapter = vr.kind in OUTPUTS and not OUTPUTS[vr.kind].merges
+    compared = "tensors compared with the input adapter" if adapter else "tensors recomputed"
     return (
         f"{vr.out}: {status}: {kind} output{source}: {vr.files} file(s), {vr.tensors} tensors, "
         f"{vr.checksums_checked} checksum(s), {vr.recomputed} {compared}"

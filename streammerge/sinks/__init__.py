@@ -1,7 +1,9 @@
 """Output formats, one module each: ``safetensors`` (merged shards, header first, O_DIRECT staging),
-``bnb4`` (merged_4bit: a per-tensor encoding the safetensors sink writes, and its config), ``lora``
-(the normalized adapter, no merge). ``outdir`` holds what they share: the hidden work directory
-published atomically, the resume journal, the lock, checksums and side files.
+``bnb4`` / ``fp8`` / ``mxfp4`` (per-tensor encodings the safetensors sink writes, and their config
+edits), ``gguf`` and ``ollama`` (one llama.cpp file and its Modelfile), ``lora`` (the normalized adapter,
+no merge). ``outdir`` holds what they share: the hidden work directory published atomically, the resume
+journal, the lock, checksums and side files. Which save method uses which is the registry's
+(``streammerge.outputs``).
 
 A per-tensor *encoding* (``TensorJob.encoding``) turns merged values into the stored tensors of an
 output format: ``outputs(name, shape)`` -> ``[(name, dtype, shape)]`` known before any byte is read,
@@ -9,15 +11,6 @@ output format: ``outputs(name, shape)`` -> ``[(name, dtype, shape)]`` known befo
 block starting at ``r0`` of ``rows``, ``whole_tensor`` (it needs all rows at once; else ``row_align``,
 the row multiple its blocks must start on), ``work_bytes`` (temporaries per element) and
 ``copy_parts(source)`` (the stored tensors to copy unchanged when no update touches the tensor, or None).
+A sink module with an encoding exposes ``encoding_for(name, source, shape, embed_key, opts)`` and
+``edit_config(config, base_config, jobs, embed_key, where, notes)``.
 """
-
-from __future__ import annotations
-
-from . import bnb4, fp8, mxfp4
-
-#: save method -> (per-tensor encoding chooser, config editor); merged_16bit needs neither.
-ENCODINGS = {
-    "merged_4bit": (bnb4.encoding_for, bnb4.edit_config),
-    "merged_fp8": (fp8.encoding_for, fp8.edit_config),
-    "mxfp4": (mxfp4.encoding_for, mxfp4.edit_config),
-}
