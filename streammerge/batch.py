@@ -17,17 +17,14 @@ from pathlib import Path
 
 from . import hub
 from .adapter import load_adapter
-from .api import fingerprint, fingerprint_digest, finish_output, open_run, up_to_date
 from .errors import InputError, StreamMergeError
 from .execute import Executor, Workspace
 from .formats import logical_tensors
-from .options import make_options, resolve_device
+from .job import Job
+from .options import RunOptions, make_options, resolve_device
 from .pipeline import Prefetcher, WriterThread
 from .plan import build_plan
-from .report import new_report, options_dict
-from .sinks.lora import write_lora
-from .sinks.outdir import OutputLock, aux_files, check_output, discard_work_dir
-from .sinks.safetensors import ShardWriter, open_shard_writer
+from .sinks.safetensors import ShardWriter
 from .source import Reader, drop_behind_if_large, open_checkpoint, split_adapter_spec
 
 log = logging.getLogger("streammerge")
@@ -141,27 +138,19 @@ def read_manifest(path: Path) -> tuple[Path, Path, list[JobSpec]]:
 
 @dataclass
 class _Active:
+    """A job of the single pass: its lifecycle and where its writing stands."""
+
     spec: JobSpec
     result: JobResult
-    plan: object
-    report: object
-    aux: dict
-    ads: list
-    opts: object
+    job: Job
     ex: Executor | None = None
-    work: Path | None = None
-    journal: object = None
-    lock: OutputLock | None = None
     order: list = field(default_factory=list)  # (shard index, TensorJob) in output order
     pos: int = 0
     writer: ShardWriter | None = None
     shard_i: int = -1
     failed: BaseException | None = None
-    t0: float = 0.0
     compute: float = 0.0
     sharing: int = 1  # job writers open at once: they split the O_DIRECT staging budget
-    layout: object = None  # a GGUF output's layout (sinks.gguf.GgufLayout); None: safetensors shards
-    shards: tuple = ()  # the files to write: the plan's shards, or the one GGUF file
 
 
 def batch(
@@ -182,9 +171,8 @@ def batch(
     With ``executor`` ``local`` or ``ray`` the jobs run one after another, each one's shards spread over
     the workers (no shared pass: each worker reads the base from shared storage)."""
     if executor != "inprocess":
-        return _batch_distributed(
-            base, jobs, resume, overwrite, device, max_memory, executor, workers, address, direct_io
-        )
+        run = RunOptions(executor, workers, address, resume, overwrite, device)
+        return _batch_distributed(base, jobs, run, max_memory, direct_io)
     base = hub.resolve(base, "base").path
     dev = resolve_device(device)
     reader = Reader()
@@ -198,41 +186,38 @@ def batch(
         for spec in jobs:
             res = _start(spec, results)
             try:
-                o = dict(spec.options)
-                opts = make_options(device=device, max_memory=max_memory, direct_io=direct_io, **o)
-                specs = [(hub.resolve(p, "adapter").path, w) for p, w in map(split_adapter_spec, spec.adapters)]
-                ads = [load_adapter(p, reader, w) for p, w in specs]
-                plan = build_plan(ckpt, ads, opts, lambda ref: bytes(reader.raw(ref)))
-                if resume and up_to_date(spec.out, ckpt, ads, plan, options_dict(opts)):
-                    res.status = "skipped"
-                    continue
-                check_output(spec.out, [base] + [Path(a.path) for a in ads], overwrite or resume)
-                report = new_report(base, ads, spec.out, opts, plan, dev)
-                aux = aux_files(base, ads, ckpt)
-                if opts.save_method == "lora":
-                    t = time.perf_counter()
-                    report.fingerprint = fingerprint_digest(fingerprint(ckpt, ads, plan, report.options))
-                    with OutputLock(spec.out):
-                        write_lora(ads[0], spec.out, reader, report, opts.direct_io)
-                    res.seconds, res.total_size = round(time.perf_counter() - t, 3), report.total_size
-                    continue
-                a = _Active(spec, res, plan, report, aux, ads, opts, shards=plan.shards)
-                if opts.save_method == "gguf":
-                    from .sinks.gguf import plan_gguf
-
-                    a.layout = plan_gguf(plan, aux, spec.out, opts)
-                    a.shards = (a.layout.shard(),)
-                active.append(a)
+                a = _prepare(spec, res, base, ckpt, reader, dev, device, max_memory, direct_io, resume, overwrite)
+                if a is not None:
+                    active.append(a)
             except StreamMergeError as e:
                 res.status, res.error = "failed", str(e).splitlines()[0]
                 log.error("job %s: %s", spec.name, e)
         _run_pass(active, ckpt, logical, reader, dev, ws)
     finally:
         for a in active:
-            if a.lock is not None:
-                a.lock.__exit__(None, None, None)
+            a.job.close()
         reader.close()
     return results
+
+
+def _prepare(spec: JobSpec, res: JobResult, base, ckpt, reader, dev, device, max_memory, direct_io, resume, overwrite):
+    """Plan one job of the pass; an adapter output is written at once (None: nothing left for the pass)."""
+    opts = make_options(device=device, max_memory=max_memory, direct_io=direct_io, **dict(spec.options))
+    specs = [(hub.resolve(p, "adapter").path, w) for p, w in map(split_adapter_spec, spec.adapters)]
+    ads = [load_adapter(p, reader, w) for p, w in specs]
+    plan = build_plan(ckpt, ads, opts, lambda ref: bytes(reader.raw(ref)))
+    job = Job.prepare(
+        spec.out, base, ckpt, ads, plan, opts, base_spec=str(base), device=dev, overwrite=overwrite or resume,
+        resume=resume,
+    )  # fmt: skip
+    if job.up_to_date:
+        res.status = "skipped"
+        return None
+    if not job.kind.merges:
+        job.write_adapter(reader)
+        res.seconds, res.total_size = job.report.seconds["total"], job.report.total_size
+        return None
+    return _Active(spec, res, job)
 
 
 def _start(spec: JobSpec, results: list[JobResult]) -> JobResult:
@@ -243,27 +228,16 @@ def _start(spec: JobSpec, results: list[JobResult]) -> JobResult:
     return res
 
 
-def _batch_distributed(base, jobs, resume, overwrite, device, max_memory, executor, workers, address, direct_io):
-    from .api import merge
+def _batch_distributed(base, jobs: list[JobSpec], run: RunOptions, max_memory, direct_io) -> list[JobResult]:
+    """The jobs one after another, each one's shards spread over the workers."""
+    from .api import run_merge
 
     results = []
     for spec in jobs:
         res = _start(spec, results)
         try:
-            rep = merge(
-                base,
-                list(spec.adapters),
-                spec.out,
-                overwrite=overwrite,
-                resume=resume,
-                device=device,
-                max_memory=max_memory,
-                executor=executor,
-                workers=workers,
-                address=address,
-                direct_io=direct_io,
-                **spec.options,
-            )
+            opts = make_options(device=run.device, max_memory=max_memory, direct_io=direct_io, **dict(spec.options))
+            rep = run_merge(base, list(map(split_adapter_spec, spec.adapters)), Path(spec.out), opts, run)
             res.seconds, res.total_size, res.tensors_merged = rep.seconds["total"], rep.total_size, rep.tensors_merged
             if rep.up_to_date:
                 res.status = "skipped"
@@ -295,13 +269,10 @@ def _run_pass(active: list[_Active], ckpt, logical, reader: Reader, dev, ws: Wor
     for a in active:
         # the jobs' writers share one staging budget, the one a single merge's writer has
         a.sharing = len(active)
-        a.t0 = time.perf_counter()
-        a.lock = OutputLock(a.spec.out).__enter__()
-        fp = fingerprint(ckpt, a.ads, a.plan, a.report.options)
-        a.report.fingerprint = fingerprint_digest(fp)
-        a.work, a.journal, _ = open_run(a.spec.out, fp, resume=False)
-        a.ex = Executor(reader, a.opts, dev, a.report, ws)
-        a.order = [(i, j) for i, s in enumerate(a.shards) for j in s.jobs]
+        a.job.t0 = time.perf_counter()
+        a.job.open(resume=False)
+        a.ex = Executor(reader, a.job.opts, dev, a.job.report, ws)
+        a.order = [(i, j) for i, s in enumerate(a.job.shards) for j in s.jobs]
     names = list(logical) + sorted({j.name for a in active for _, j in a.order} - set(logical))
     ahead = Prefetcher(reader, [logical.get(n) for n in names])
     try:
@@ -333,44 +304,28 @@ def _run_pass(active: list[_Active], ckpt, logical, reader: Reader, dev, ws: Wor
                 a.writer.abort()
         raise
     for a in active:
-        if a.failed is None and a.pos != len(a.order):
-            _fail(a, RuntimeError(f"{len(a.order) - a.pos} tensors were never visited"))
-        if a.failed is None:
-            try:
-                stage = {**a.ex.stage, "write": wt.busy, "compute": a.compute}
-                plan, aux = a.plan, a.aux
-                if a.layout is not None:
-                    from .sinks.gguf import finish_gguf
+        _finish(a, wt, reader, ws)
 
-                    a.report.shards = finish_gguf(a.work, a.layout, a.journal, a.report)
-                    plan, aux = None, {}
-                finish_output(
-                    a.work,
-                    a.spec.out,
-                    plan,
-                    aux,
-                    a.report,
-                    a.journal,
-                    stage,
-                    a.t0,
-                    reader,
-                    ws.nbytes,
-                    a.ex.peak_anon,
-                )
-                a.result.seconds = a.report.seconds["total"]
-                a.result.total_size = a.report.total_size
-                a.result.tensors_merged = a.report.tensors_merged
-            except StreamMergeError as e:
-                _fail(a, e)
-        if a.failed is not None:
-            if a.writer is not None:
-                a.writer.abort()
-            discard_work_dir(a.work)
+
+def _finish(a: _Active, wt: WriterThread, reader: Reader, ws: Workspace) -> None:
+    if a.failed is None and a.pos != len(a.order):
+        _fail(a, RuntimeError(f"{len(a.order) - a.pos} tensors were never visited"))
+    if a.failed is None:
+        try:
+            a.job.finish({**a.ex.stage, "write": wt.busy, "compute": a.compute}, reader, ws.nbytes, a.ex.peak_anon)
+            report = a.job.report
+            a.result.seconds, a.result.total_size = report.seconds["total"], report.total_size
+            a.result.tensors_merged = report.tensors_merged
+        except StreamMergeError as e:
+            _fail(a, e)
+    if a.failed is not None:
+        if a.writer is not None:
+            a.writer.abort()
+        a.job.discard()
 
 
 def _close_shard(a: _Active, writer: ShardWriter) -> None:
-    writer.close()
-    a.journal.record(writer.path.name, writer.path.stat().st_size, writer.checksum)
+    a.job.record(writer, writer.path.name)
 
 
 def _ensure_writer(a: _Active, shard_i: int, wt: WriterThread) -> None:
@@ -378,13 +333,10 @@ def _ensure_writer(a: _Active, shard_i: int, wt: WriterThread) -> None:
         return
     if a.writer is not None:
         wt.submit(_guarded, a, _close_shard, a, a.writer)
-    shard = a.shards[shard_i]
+    shard = a.job.shards[shard_i]
     a.shard_i = shard_i
     try:
-        if a.layout is not None:
-            a.writer = a.layout.open_writer(a.work / shard.filename, shard, a.opts)
-        else:
-            a.writer = open_shard_writer(a.work / shard.filename, shard, a.opts, a.sharing)
+        a.writer = a.job.open_writer(a.job.work / shard.filename, shard, a.sharing)
     except StreamMergeError as e:
         _fail(a, e)
 

@@ -47,6 +47,20 @@ class MergeOptions:
     gguf_type: str = "auto"  # --save-method gguf: f32, f16, bf16, q8_0, auto, or a llama.cpp k-quant
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a merge runs (not what it makes): where its shards are written, whether it continues an
+    interrupted run or replaces an output, the device, and whether a progress bar is shown."""
+
+    executor: str = "inprocess"  # inprocess, local (worker processes) or ray
+    workers: int = 2
+    address: str | None = None  # a Ray cluster's address
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    progress: bool = False
+
+
 _UNITS = {
     "": 1,
     "B": 1,

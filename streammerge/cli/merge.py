@@ -174,41 +174,23 @@ def print_summary(report, out) -> None:
 
 
 def run(args, log) -> int:
-    from ..api import merge
+    from ..api import adapter_specs, run_merge
+    from ..options import RunOptions, make_options
 
     if not args.dry_run and output(args.save_method).merges:  # import torch while the inputs are read and planned
         threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     progress = not args.no_progress and not args.quiet and sys.stderr.isatty()
     base, adapter, out = (args.base, args.adapter, args.out) if args.out else (None, args.base, args.adapter)
-    report = merge(
-        base,
-        adapter,
-        out,
-        adapters=args.extra_adapters,
-        dtype=args.dtype,
-        shard_size=args.shard_size,
-        device=args.device,
-        save_method=args.save_method,
-        dry_run=args.dry_run,
-        overwrite=args.overwrite,
-        allow_nonfinite=args.allow_nonfinite,
-        resume=args.resume,
-        compress=args.compress,
-        checksum=args.checksum,
-        direct_io=args.direct_io,
-        executor=args.executor,
-        workers=args.workers,
-        address=args.address,
-        progress=progress,
-        max_memory=args.max_memory,
-        quant_type=args.quant_type,
-        blocksize=args.blocksize,
-        double_quant=args.double_quant,
-        gguf_type=args.gguf_type,
-        push_to_hub=None if args.verify else args.push_to_hub,  # with --verify: upload once verified
-        private=args.private,
-        revision=args.revision,
-    )
+    opts = make_options(
+        dtype=args.dtype, shard_size=args.shard_size, device=args.device, save_method=args.save_method,
+        allow_nonfinite=args.allow_nonfinite, max_memory=args.max_memory, quant_type=args.quant_type,
+        blocksize=args.blocksize, double_quant=args.double_quant, compress=args.compress, checksum=args.checksum,
+        direct_io=args.direct_io, gguf_type=args.gguf_type,
+    )  # fmt: skip
+    run_opts = RunOptions(args.executor, args.workers, args.address, args.resume, args.overwrite, args.device, progress)
+    push = (args.push_to_hub, args.private, args.revision) if args.push_to_hub and not args.verify else None
+    specs = adapter_specs(adapter, args.extra_adapters)  # with --verify: upload once verified (below)
+    report = run_merge(base, specs, Path(out), opts, run_opts, dry_run=args.dry_run, push=push)
     for w in report.warnings:
         log.warning(w)
     if args.verify and not args.dry_run:
