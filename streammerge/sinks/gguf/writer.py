@@ -15,13 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..errors import InputError, OutputError
-from ..gguf_model import GgufTensor, early_params, file_type, model_for, plan_tensors, vocab_rows, write_params
-from ..gguf_vocab import write_tokenizer
-from ..options import KQUANTS
-from ..plan import MergePlan, ShardPlan
-from .outdir import copy_file, write_json
-from .safetensors import ShardWriter, staging_bytes
+from ...errors import InputError, OutputError
+from ...options import KQUANTS
+from ...plan import MergePlan, ShardPlan
+from ..outdir import copy_file, write_json
+from ..safetensors import ShardWriter, staging_bytes
+from .model import GgufTensor, early_params, file_type, model_for, plan_tensors, vocab_rows, write_params
+from .vocab import write_tokenizer
 
 
 def gguf_module():
@@ -310,8 +310,8 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 0) -> None:
 def finish_gguf(work: Path, layout: GgufLayout, journal, report) -> list[dict]:
     """After the merge pass: the k-quant (if asked for) made from the 16-bit file, which then goes; the
     Ollama Modelfile. Returns the report's file records."""
+    from ..outdir import file_checksum
     from .ollama import write_modelfile
-    from .outdir import file_checksum
 
     name = layout.filename
     if layout.final_name != name:

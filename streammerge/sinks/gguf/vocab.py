@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from ...errors import InputError
 
 # llama.cpp's pre-tokenizer name -> the split regex a tokenizer.json of that family declares
 # (the same rules transformers uses to rebuild these tokenizers from a GGUF file).
@@ -212,7 +212,7 @@ def _llama_style_json(d: Path) -> bool:
 
 
 def write_tokenizer(w, style: str, hp: dict, d: Path) -> None:
-    """The tokenizer keys for a model of tokenizer ``style`` (see ``gguf_model.ARCHS``), from the
+    """The tokenizer keys for a model of tokenizer ``style`` (see ``model.ARCHS``), from the
     tokenizer files in ``d``, as the converter writes them for that architecture."""
     import gguf
 

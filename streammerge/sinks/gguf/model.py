@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from ...errors import InputError
 
 SKIP_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 MULTIMODAL_PREFIXES = ("mlp", "vit.", "vpm.", "siglip2.", "conformer.", "merger.", "resampler.")
@@ -236,7 +236,7 @@ def vocab_rows(m: Model, d: Path) -> int | None:
     """Gemma 3: how many token_embd rows the converter keeps (the tokenizer's real vocabulary)."""
     if not m.arch.crop_vocab:
         return None
-    from .gguf_vocab import _json, _pieces
+    from .vocab import _json, _pieces
 
     if (d / "tokenizer.model").is_file():
         return len(_pieces(d, find(m.hparams, ["vocab_size_per_layer_input", "vocab_size"], True))[0])
