@@ -8,26 +8,22 @@ job says so (:mod:`streammerge.sinks`).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 
-from . import formats, lora
+from . import formats
 from .errors import NonFiniteError, OutputError
-from .experts import ExpertDelta
-from .match import BiasDelta, Dora, LowRank
 from .options import WRITE_QUEUE, MergeOptions
 from .plan import TensorJob
 from .report import MergeReport, anon_bytes
 from .sinks.safetensors import staging_bytes
 from .source import DTYPES, Reader, TensorRef, numel, tensor_bytes, torch_dtype
+from .updates import ROW_ALIGN, block_align
 
 CPU = torch.device("cpu")
-ROW_ALIGN = 64
-COL_ALIGN = 256
 TILE_BYTES = 1 << 20  # fp32 rows merged at a time within a block: about the size of a core's L2 cache
 
 
@@ -108,9 +104,7 @@ class Executor:
             cost += out_size
         if job.encoding is not None:
             cost += job.encoding.work_bytes
-        if any(isinstance(u, ExpertDelta) for u in job.updates):
-            cost += 4 + 2  # one expert's fp32 update and its rounded copy (counted per element: conservative)
-        return cost
+        return cost + max((u.work_bytes for u in job.updates), default=0)
 
     def _over_budget(self, job: TensorJob, need: int) -> None:
         """One warning per cause (updated in place as more tensors share it), not one per tensor."""
@@ -137,7 +131,7 @@ class Executor:
     def _whole(job: TensorJob) -> bool:
         """Rows cannot be split: an encoding over whole tensors, or DoRA's norms over columns."""
         enc = job.encoding is not None and job.encoding.whole_tensor
-        return enc or any(isinstance(u, Dora) for u in job.updates)
+        return enc or any(u.whole_tensor for u in job.updates)
 
     def _block_rows(self, job: TensorJob) -> int:
         rows = job.shape[0] if job.shape else 1
@@ -152,9 +146,9 @@ class Executor:
         # BLAS tiles rows (and columns, for transposed deltas) in small fixed groups: blocks that
         # start on a multiple of the alignment reproduce the unblocked product bit for bit. A fused
         # expert tensor's rows are experts, each computed on its own: any expert block will do.
-        if any(isinstance(u, ExpertDelta) and u.expert is None for u in job.updates):
+        align = block_align(job.updates)
+        if align == 1:
             return 1
-        align = COL_ALIGN if any(isinstance(u, LowRank) and u.transposed for u in job.updates) else ROW_ALIGN
         if job.encoding is not None and getattr(job.encoding, "row_align", 0):
             return math.lcm(job.encoding.row_align, align)  # and blocks start on the encoding's row blocks
         return align
@@ -165,16 +159,11 @@ class Executor:
         rows_of = formats.rows_of(job.source, self.reader, self.ws, dev)
         prepared = []
         for u in job.updates:
-            if isinstance(u, (LowRank, Dora, ExpertDelta)):
-                a, b = self._adapter_tensor(u.a, "lora_A", CPU), self._adapter_tensor(u.b, "lora_B", CPU)
-                extra = self._adapter_tensor(u.magnitude, "DoRA magnitude", dev) if isinstance(u, Dora) else None
-                if isinstance(u, LowRank) and self.fold_scaling and lora.scaling_folds_exactly(a, b, u.scaling):
-                    b, u = b * u.scaling, dataclasses.replace(u, scaling=1.0)  # the same bits, one pass fewer
-                prepared.append((u, a.to(dev), b.to(dev), extra))
-            elif isinstance(u, BiasDelta):
-                prepared.append((u, self._adapter_tensor(u.vec, "lora_B.bias", dev), None, None))
-            else:
-                prepared.append((u, self._adapter_tensor(u.values, "trainable tokens", dev), None, None))
+            host = [self._adapter_tensor(ref, role, CPU) for ref, role, on_host in u.refs() if on_host]
+            u, host = u.prepared(host, self.fold_scaling)
+            loaded = iter(t.to(dev) for t in host)
+            tensors = [next(loaded) if on_host else self._adapter_tensor(r, role, dev) for r, role, on_host in u.refs()]
+            prepared.append((u, tensors))
         return rows_of, prepared
 
     def direct_ok(self, job: TensorJob) -> bool:
@@ -182,7 +171,7 @@ class Executor:
         path (plain LoRA on a 2-D weight rounded to 16 bits) on the CPU."""
         if job.is_copy or job.encoding is not None or self.device.type != "cpu":
             return False
-        return self._tileable(job.shape, [(u,) for u in job.updates], torch_dtype(job.dtype))
+        return self._tileable(job.shape, [(u, ()) for u in job.updates], torch_dtype(job.dtype))
 
     def blocks(self, job: TensorJob, writer=None) -> Iterator[tuple[str, memoryview | int]]:
         """``(tensor name, bytes)`` of the job's output(s), in order. On an accelerator that runs out
@@ -277,8 +266,8 @@ class Executor:
         w = self.ws.take(f"w{slot}", shape, torch.float32, blk.device)
         w.copy_(blk)
         self.stage["read" if formats.is_dense(job.source) else "dequant"] += time.perf_counter() - t
-        for u, a, b, extra in prepared:
-            w = self._apply(u, a, b, extra, w, shape, r0, r1, whole, out_dtype)
+        for u, tensors in prepared:
+            w = u.apply(self.ws, tensors, w, shape, r0, r1, whole, out_dtype)
         if out_dtype == torch.float32:
             out = w
         else:
@@ -299,7 +288,7 @@ class Executor:
     @staticmethod
     def _tileable(shape: tuple[int, ...], prepared: list, out_dtype) -> bool:
         """Plain LoRA on a 2-D weight rounded to 16 bits: the common case, merged in L2-sized tiles."""
-        plain = all(isinstance(u, LowRank) and not u.transposed and not u.round_delta for u, *_ in prepared)
+        plain = all(u.tileable for u, _ in prepared)
         return len(shape) == 2 and out_dtype in (torch.bfloat16, torch.float16) and bool(prepared) and plain
 
     def _merge_tiles(self, blk: torch.Tensor, prepared: list, r0: int, out_dtype, slot: int, dest=None):
@@ -321,10 +310,8 @@ class Executor:
             t1 = min(n, t0 + step)
             wt, dt = w[: t1 - t0], d[: t1 - t0]
             wt.copy_(blk[t0:t1])
-            for u, a, b, _ in prepared:
-                lora.apply_lowrank(
-                    wt, lora.lowrank_delta(a, b[r0 + t0 : r0 + t1], u.scaling, False, out=dt), u.weight, None
-                )
+            for u, tensors in prepared:
+                u.apply_tile(tensors, wt, dt, r0 + t0, r0 + t1)
             target = dest.view(t1 - t0, cols) if dest is not None else None
             (out[t0:t1] if target is None else target).copy_(wt)
             if dest is not None:
@@ -332,24 +319,6 @@ class Executor:
             if check:
                 torch.aminmax(wt, out=(stats[i, 0], stats[i, 1]))
         return out, not check or finite_in(stats, out_dtype)
-
-    def _apply(self, u, a, b, extra, w, shape, r0: int, r1: int, whole: bool, out_dtype) -> torch.Tensor:
-        """One update on the fp32 block ``w`` (rows ``[r0, r1)``); returns the updated block."""
-        if isinstance(u, LowRank):
-            if u.transposed:
-                delta = lora.lowrank_delta(a if whole else a[:, r0:r1].contiguous(), b, u.scaling, True)
-            else:
-                d = self.ws.take("d", shape, torch.float32, w.device)
-                delta = lora.lowrank_delta(a, b if whole else b[r0:r1], u.scaling, False, out=d)
-            return lora.apply_lowrank(w, delta, u.weight, out_dtype if u.round_delta else None)
-        if isinstance(u, ExpertDelta):
-            return _apply_experts(u, a, b, w, r0, r1, out_dtype)
-        if isinstance(u, BiasDelta):
-            return lora.apply_bias(w, a, u.scaling, u.weight)
-        if isinstance(u, Dora):
-            delta = lora.lowrank_delta(a, b, u.scaling, u.embedding or u.fan_in_fan_out)
-            return lora.dora_merge(w, delta, extra, u.fan_in_fan_out, u.embedding)
-        return lora.replace_rows(w, r0, u.indices, a)  # RowReplace
 
 
 class StagingDest:
@@ -372,20 +341,6 @@ class StagingDest:
         else:
             self.writer.commit(self.name, target.numel() * self.size)
         self.rows += fallback.shape[0]
-
-
-def _apply_experts(u: ExpertDelta, a, b, w: torch.Tensor, r0: int, r1: int, out_dtype) -> torch.Tensor:
-    """Rows ``[r0, r1)`` of the job's tensor get their expert update, one expert at a time (the
-    temporaries stay one expert's size): experts ``r0..r1`` of a fused tensor, or rows of one expert's
-    update (a per-expert tensor holds rows ``u.rows`` of it)."""
-    if u.expert is not None:
-        d = lora.expert_deltas(a, b, u.experts, u.rank, u.expert, u.expert + 1, u.scaling)[0]
-        lora.add_rounded(w, d[u.rows[0] + r0 : u.rows[0] + r1], u.weight, out_dtype)
-        return w
-    for e in range(r0, r1):
-        d = lora.expert_deltas(a, b, u.experts, u.rank, e, e + 1, u.scaling)[0]
-        lora.add_rounded(w[e - r0], d.T if u.transposed else d, u.weight, out_dtype)
-    return w
 
 
 def finite_in(w: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .adapter import Adapter, ParamLora
 from .errors import AdapterError
-from .source import TensorRef
+from .updates import ExpertDelta
 
 #: the per-expert checkpoint tensors a fused parameter is made of, in row order (transformers-4 names)
 SPLITS = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
@@ -27,24 +27,6 @@ SPLITS = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj":
 #: to store them [E, out, in]; for square experts of any other architecture the layout cannot be told
 TRANSPOSED = {"gpt_oss"}
 OUT_IN = {"qwen2_moe", "qwen3_moe", "mixtral"}
-
-
-@dataclass(frozen=True)
-class ExpertDelta:
-    """PEFT's ParamWrapper update on expert tensors. ``expert`` None: the job is the fused 3-D tensor
-    and its rows are the experts; else the job is expert ``expert``'s 2-D tensor, which holds rows
-    ``rows`` of that expert's update. ``transposed``: stored [in, out]."""
-
-    a: TensorRef
-    b: TensorRef
-    scaling: float
-    weight: float
-    experts: int
-    rank: int
-    expert: int | None
-    rows: tuple[int, int] | None
-    transposed: bool
-    origin: str
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from . import experts
 from .adapter import Adapter, LoraModule, targets_module
 from .conversions import ConversionMap, fused_away, is_conv1d
 from .errors import AdapterError
-from .experts import ExpertDelta
 from .source import TensorRef
+from .updates import BiasDelta, Dora, LowRank, RowReplace, Update
 
 #: weight names under which architectures keep their input embedding.
 EMBEDDING_SUFFIXES = (
@@ -33,55 +33,6 @@ EMBEDDING_SUFFIXES = (
 )
 OUTPUT_NAMES = ("lm_head", "embed_out")
 OUT_KEY = "lm_head.weight"
-
-
-@dataclass(frozen=True)
-class LowRank:
-    """``W += weight * transpose?(B @ A) * scaling``; ``round_delta`` rounds the delta to W's dtype first
-    (PEFT's Embedding merge)."""
-
-    a: TensorRef
-    b: TensorRef
-    scaling: float
-    weight: float
-    transposed: bool
-    round_delta: bool
-    origin: str
-
-
-@dataclass(frozen=True)
-class BiasDelta:
-    """``bias += weight * lora_B.bias * scaling``."""
-
-    vec: TensorRef
-    scaling: float
-    weight: float
-    origin: str
-
-
-@dataclass(frozen=True)
-class Dora:
-    """DoRA: ``W = (m / ||W0 + dW||) * (W0 + dW)``, norms per output row (``embedding``: per column)."""
-
-    a: TensorRef
-    b: TensorRef
-    magnitude: TensorRef
-    scaling: float
-    fan_in_fan_out: bool
-    embedding: bool
-    origin: str
-
-
-@dataclass(frozen=True)
-class RowReplace:
-    """Trainable tokens: rows ``indices`` take ``values`` (cast to the output dtype)."""
-
-    indices: tuple[int, ...]
-    values: TensorRef
-    origin: str
-
-
-Update = LowRank | BiasDelta | Dora | RowReplace | ExpertDelta
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,11 @@ from . import formats
 from .adapter import Adapter, load_adapter
 from .errors import AdapterError
 from .formats import Source
-from .match import OUT_KEY, Dora, LowRank, Match, ModuleRecord, RowReplace, Update, match_adapters
+from .match import OUT_KEY, Match, ModuleRecord, match_adapters
 from .options import MergeOptions
 from .outputs import output
 from .source import CONFIG_DTYPE_NAME, DTYPES, FLOAT_DTYPES, Checkpoint, TensorRef, numel, open_checkpoint
+from .updates import Dora, LowRank, RowReplace, Update
 
 __all__ = ["Dora", "LowRank", "MergePlan", "ShardPlan", "TensorJob", "build_plan", "plan_merge"]
 
