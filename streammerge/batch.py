@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import hub
-from .adapter import load_adapter
+from .adapters import load_adapter
 from .errors import InputError, StreamMergeError
 from .execute import Executor, Workspace
 from .formats import logical_tensors

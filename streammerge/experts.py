@@ -17,7 +17,7 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from .adapter import Adapter, ParamLora
+from .adapters import Adapter, ParamLora
 from .errors import AdapterError
 from .updates import ExpertDelta
 

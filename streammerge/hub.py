@@ -204,7 +204,7 @@ def _dangling(root: Path, deep: bool) -> list[tuple[str, Path, Path]]:
 def _reads(root: Path, kind: str) -> tuple[set[str], bool]:
     """The files (paths relative to ``root``) a merge reads from a base or adapter directory, whether they
     are there or not, and whether it is an adapter's: as :func:`streammerge.source.open_checkpoint` and
-    :func:`streammerge.adapter.load_adapter` pick them, and the tokenizer and config files copied beside
+    :func:`streammerge.adapters.load_adapter` pick them, and the tokenizer and config files copied beside
     the weights (the ones streammerge downloads: BASE_FILES, the adapter's tokenizer files)."""
     from .sinks.outdir import TOKENIZER_FILES
 
@@ -231,7 +231,7 @@ def _reads(root: Path, kind: str) -> tuple[set[str], bool]:
 
 
 def _adapter_subdir(root: Path) -> str | None:
-    """The adapter's folder, as :func:`streammerge.adapter.find_adapter_dir` picks it: "" for ``root`` when
+    """The adapter's folder, as :func:`streammerge.adapters.find_adapter_dir` picks it: "" for ``root`` when
     it holds adapter_config.json (a link, dangling or not), "NAME/" for its single subfolder holding one,
     else None."""
     if os.path.lexists(root / "adapter_config.json"):
@@ -317,7 +317,7 @@ def _dangling_error(root: Path, bad: list, source, cls: type, failure: str = "")
 
 def base_from_adapter(adapter: Resolved) -> str:
     """The base an adapter was trained on: ``base_model_name_or_path`` in its ``adapter_config.json``."""
-    from .adapter import CONFIG_NAME, find_adapter_dir
+    from .adapters import CONFIG_NAME, find_adapter_dir
     from .errors import AdapterError
     from .source import read_json
 

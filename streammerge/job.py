@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapter import Adapter
+from .adapters import Adapter
 from .errors import OutputError, StreamMergeError
 from .options import MergeOptions
 from .outputs import GGUF, Output, output

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import experts
-from .adapter import Adapter, LoraModule, targets_module
+from .adapters import Adapter, LoraModule, targets_module
 from .conversions import ConversionMap, fused_away, is_conv1d
 from .errors import AdapterError
 from .source import TensorRef

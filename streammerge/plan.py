@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import formats
-from .adapter import Adapter, load_adapter
+from .adapters import Adapter, load_adapter
 from .errors import AdapterError
 from .formats import Source
 from .match import OUT_KEY, Match, ModuleRecord, match_adapters

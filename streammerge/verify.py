@@ -371,7 +371,7 @@ def verify_lora(out: str | Path, base: str | Path | None = None, adapters: list 
     tensors and bytes (and checksum, when recorded) as the report says; the folder loads as an adapter.
     With ``adapters`` (the one input adapter): its tensors, after key normalisation, and its config are
     the output's, byte for byte; with ``base`` too, the output still fits the base."""
-    from .adapter import load_adapter
+    from .adapters import load_adapter
     from .sinks.lora import normalized_adapter_key
 
     out = Path(out)
@@ -433,7 +433,7 @@ def verify_lora(out: str | Path, base: str | Path | None = None, adapters: list 
 
 
 def _compare_lora(out: Path, got: dict, cfg: dict | None, base, adapters, rep: VerifyReport) -> None:
-    from .adapter import load_adapter
+    from .adapters import load_adapter
     from .plan import plan_merge
     from .sinks.lora import normalized_adapter_key
 

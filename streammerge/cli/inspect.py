@@ -46,7 +46,7 @@ def _checkpoint(p: Path) -> dict:
 
 
 def _adapter(p: Path) -> dict:
-    from ..adapter import find_adapter_dir, load_adapter
+    from ..adapters import find_adapter_dir, load_adapter
     from ..source import Reader
 
     reader = Reader()
@@ -96,7 +96,7 @@ def _mapping(adapter: str, base: str) -> list[dict]:
 
 def describe(path: str, base: str | None = None) -> dict:
     from .. import hub
-    from ..adapter import CONFIG_NAME
+    from ..adapters import CONFIG_NAME
 
     src = hub.resolve(path, "any")
     p = src.path

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..adapter import PEFT_PREFIX, Adapter
+from ..adapters import PEFT_PREFIX, Adapter
 from ..errors import OutputError
 from ..report import REPORT_NAME
 from ..source import tensor_bytes

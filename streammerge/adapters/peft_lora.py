@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AdapterError
-from .source import DTYPES, Reader, TensorRef, parse_header, read_json, st_dtype
+from ..errors import AdapterError
+from ..source import DTYPES, Reader, TensorRef, parse_header, read_json, st_dtype
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.safetensors.zst")
