@@ -89,6 +89,14 @@ def write_synthetic_llama(
         cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
         cfg["quantization_config"]["weight_block_size"] = [128, 128]
     (base / "config.json").write_text(json.dumps(cfg))
+    _write_lora(ad, proj, layers, r, g)
+    return base, ad
+
+
+def _write_lora(ad: Path, proj: dict, layers: int, r: int, g: torch.Generator) -> None:
+    """An adapter in PEFT's file layout on every projection ``proj`` (module -> (out, in)) of each layer."""
+    from safetensors.torch import save_file
+
     lora = {}
     for i in range(layers):
         for k, (o, n_in) in proj.items():
@@ -96,20 +104,10 @@ def write_synthetic_llama(
             lora[f"{m}.lora_A.weight"] = torch.randn(r, n_in, generator=g) * 0.01
             lora[f"{m}.lora_B.weight"] = torch.randn(o, r, generator=g) * 0.01
     save_file(lora, ad / "adapter_model.safetensors")
-    (ad / "adapter_config.json").write_text(
-        json.dumps(
-            {
-                "peft_type": "LORA",
-                "task_type": "CAUSAL_LM",
-                "r": r,
-                "lora_alpha": 2 * r,
-                "target_modules": [k.split(".")[-1] for k in proj],
-                "lora_dropout": 0.0,
-                "bias": "none",
-            }
-        )
-    )
-    return base, ad
+    targets = [k.split(".")[-1] for k in proj]
+    acfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "target_modules": targets}
+    acfg.update(lora_dropout=0.0, bias="none")
+    (ad / "adapter_config.json").write_text(json.dumps(acfg))
 
 
 def _to_fp8(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

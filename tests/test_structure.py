@@ -1,5 +1,6 @@
-"""The package's shape (issue 11): no import circle, no module over 600 lines, no function over 100,
-only ``cli`` prints, and transformers/peft are never imported by the package."""
+"""The package's shape (issues 11 and 24): no import circle, no module over 500 lines, no function over 80,
+no string test of the save method outside the output registry, only ``cli`` prints, and transformers/peft
+are never imported by the package."""
 
 from __future__ import annotations
 
@@ -72,10 +73,10 @@ def test_rooms_stay_small():
     big = []
     for name, path in _modules().items():
         src = path.read_text()
-        if len(src.splitlines()) > 600:
+        if len(src.splitlines()) > 500:
             big.append(f"{name}: {len(src.splitlines())} lines")
         for node in ast.walk(ast.parse(src)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
                 big.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert big == []
 
@@ -103,3 +104,21 @@ def test_one_module_per_stored_format_and_per_output():
     encoded = {name for name, o in OUTPUTS.items() if o.encoding_for is not None}
     assert encoded == {"merged_4bit", "merged_fp8", "mxfp4"}
     assert all(callable(OUTPUTS[n].edit_config) for n in encoded)
+
+
+def test_no_string_test_of_the_save_method_outside_the_registry():
+    """``save_method == "gguf"`` and the like: a new output would need edits wherever they are."""
+    from streammerge.outputs import SAVE_METHODS
+
+    bad = []
+    for name, path in _modules().items():
+        if name == "streammerge.outputs":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                consts = [n.value for n in ast.walk(node) if isinstance(n, ast.Constant)]
+                names = [getattr(n, "attr", getattr(n, "id", "")) for n in operands]
+                if any(c in SAVE_METHODS for c in consts) and any("save_method" in n or n == "kind" for n in names):
+                    bad.append(f"{name}:{node.lineno}")
+    assert bad == []

@@ -9,12 +9,10 @@ from pathlib import Path
 
 from ..errors import AdapterError
 from ..source import DTYPES, Reader, TensorRef, parse_header, read_json, st_dtype
+from .lora_config import CONFIG_NAME, check_config
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.safetensors.zst")
 PEFT_PREFIX = "base_model.model."
-#: ``init_lora_weights`` values for which PEFT rewrites the base weights when the adapter loads.
-BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 _LORA_KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
@@ -114,114 +112,6 @@ def _pattern_value(patterns: dict, module: str, default):
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
-
-
-def _positive(v, integer: bool = False) -> bool:
-    """A JSON number PEFT can use as a rank (``integer``) or an alpha: positive and finite (JSON from
-    Python may hold NaN and Infinity, which the json module reads without complaint)."""
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        return False
-    return math.isfinite(v) and v > 0
-
-
-def _check_config(cfg: dict, path: Path) -> None:
-    where = path / CONFIG_NAME
-
-    def fail(msg: str, hint: str | None = None):
-        raise AdapterError(f"{where}: {msg}", hint=hint)
-
-    ptype = cfg.get("peft_type", "LORA")
-    if not isinstance(ptype, str) or ptype.upper() != "LORA":
-        fail(
-            f"adapter type {ptype!r} is not supported; streammerge merges LoRA adapters (peft_type LORA)",
-            "merge other adapter types with PEFT's merge_and_unload",
-        )
-    if not _positive(cfg.get("r"), integer=True):
-        fail(f"'r' must be a positive integer, found {cfg.get('r')!r}")
-    if not _positive(cfg.get("lora_alpha")):
-        fail(f"'lora_alpha' must be a positive finite number, found {cfg.get('lora_alpha')!r}")
-    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
-        v = cfg.get(key) or {}
-        if not isinstance(v, dict):
-            fail(f"{key!r} must map module patterns to positive numbers, found {v!r}")
-        for k, x in v.items():
-            if not _positive(x, integer):
-                what = "a positive integer" if integer else "a positive finite number"
-                fail(f"{key!r} entry {k!r} must be {what}, found {x!r}")
-        for k in v:
-            try:
-                re.compile(k)
-            except re.error as e:
-                fail(f"{key!r} key {k!r} is not a valid regular expression ({e})")
-    for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
-        v = cfg.get(key, False)
-        if v is not None and not isinstance(v, bool):
-            fail(f"{key!r} must be true or false, found {v!r}")
-
-    def str_or_list(key: str) -> None:
-        v = cfg.get(key)
-        if (
-            v is not None
-            and not isinstance(v, str)
-            and not (isinstance(v, list) and all(isinstance(x, str) for x in v))
-        ):
-            fail(f"{key!r} must be a module name pattern or a list of module names, found {v!r}")
-        if isinstance(v, str):
-            try:
-                re.compile(v)
-            except re.error as e:
-                fail(f"{key!r} is not a valid regular expression ({e})")
-
-    str_or_list("target_modules")
-    str_or_list("exclude_modules")
-    mts = cfg.get("modules_to_save")
-    if mts is not None and not (isinstance(mts, list) and all(isinstance(x, str) for x in mts)):
-        fail(f"'modules_to_save' must be a list of module names, found {mts!r}")
-    ltt = cfg.get("layers_to_transform")
-    if ltt is not None and not (
-        (isinstance(ltt, int) and not isinstance(ltt, bool))
-        or (isinstance(ltt, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in ltt))
-    ):
-        fail(f"'layers_to_transform' must be a layer index or a list of them, found {ltt!r}")
-    tti = cfg.get("trainable_token_indices")
-    if tti is not None and not isinstance(tti, (list, dict)):
-        fail(f"'trainable_token_indices' must be a list of token ids or a dict of them, found {tti!r}")
-    if isinstance(tti, dict) and not all(isinstance(v, list) for v in tti.values()):
-        fail(f"'trainable_token_indices' values must be lists of token ids, found {tti!r}")
-    ewt = cfg.get("ensure_weight_tying", False)
-    if ewt is not None and not isinstance(ewt, bool):
-        fail(f"'ensure_weight_tying' must be true or false, found {ewt!r}")
-    init = cfg.get("init_lora_weights", True)
-    if not isinstance(init, (bool, str)):
-        fail(f"'init_lora_weights' must be true, false or a method name, found {init!r}")
-    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
-        fail(
-            f"init_lora_weights={init!r}: PEFT rewrites the base weights when this adapter loads, "
-            "so merging it onto the original base from files would give a wrong model",
-            "convert it to a plain LoRA first: PEFT's save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=...) writes one with init_lora_weights=true",
-        )
-    refusals = {
-        "alora_invocation_tokens": "aLoRA only applies after its invocation tokens; it has no merged form",
-        "layer_replication": "layer_replication builds new layers at load time; it cannot be merged from files",
-        "megatron_config": "Megatron-parallel LoRA layers are not supported",
-        "arrow_config": "Arrow routes between several LoRA experts per token; it has no single merged form",
-        "kasa_config": "KaSA changes the base weights' singular values; it is not supported",
-        "monteclora_config": "MonteCLoRA is a variational LoRA variant; it is not supported",
-        "velora_config": "VeLoRA is not supported",
-        "use_bdlora": "block-diagonal LoRA is not supported",
-    }
-    for key, why in refusals.items():
-        if cfg.get(key):
-            fail(f"{key} is set: {why}", "merge this adapter with PEFT's merge_and_unload")
-    if cfg.get("use_qalora"):
-        fail("use_qalora is set: QA-LoRA pools inputs and has no plain merged form here")
-    tp = cfg.get("target_parameters")
-    if tp is not None and not (isinstance(tp, list) and all(isinstance(x, str) and x.strip(".") == x for x in tp)):
-        fail(f"'target_parameters' must be a list of parameter names ('<module>.<parameter>' or bare), found {tp!r}")
-    bias = cfg.get("bias", "none")
-    if bias not in ("none", "all", "lora_only"):
-        fail(f"'bias' must be none, all or lora_only, found {bias!r}")
 
 
 def _load_weights(adir: Path, reader: Reader) -> tuple[str, dict[str, TensorRef]]:
@@ -406,32 +296,13 @@ def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapt
             f"{adir}: adapter weight {weight!r} is not a finite number", hint="pass PATH:WEIGHT with e.g. 0.5"
         )
     cfg = read_json(adir / CONFIG_NAME, CONFIG_NAME, AdapterError)
-    _check_config(cfg, adir)
+    check_config(cfg, adir / CONFIG_NAME)
     wfile, refs = _load_weights(adir, reader)
+    if not refs:
+        raise AdapterError(f"{wfile}: holds no tensors")
     ad = Adapter(str(adir), wfile, weight, cfg, tensors=refs)
-    r0, alpha0 = cfg["r"], cfg["lora_alpha"]
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    parts: dict[str, dict[str, TensorRef]] = {}
-    spellings: dict[str, dict[str, list[TensorRef]]] = {}
-    for key, ref in refs.items():
-        m = _LORA_KEY.match(_normalize(key))
-        if m is None:
-            kind, name = saved_layer(_normalize(key))
-            spellings.setdefault(name, {}).setdefault(kind, []).append(ref)
-            continue
-        part = m["part"] + (".bias" if m["param"] == "bias" else "")
-        slot = parts.setdefault(m["module"], {})
-        if part in slot:
-            raise AdapterError(
-                f"{wfile}: module {m['module']!r} has two {part} tensors ({slot[part].name!r}, {key!r})",
-                hint="the file holds several adapters; save each adapter on its own",
-            )
-        slot[part] = ref
-    for name, kinds in spellings.items():
-        _resolve_saved_layer(ad, name, kinds)
+    parts = _group_keys(ad)
     mirrors: list[TensorRef] = []
-    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
-    rslora = bool(cfg.get("use_rslora", False))
     for module, slot in parts.items():
         if "token_adapter.trainable_tokens_delta" in slot:
             ref = slot.pop("token_adapter.trainable_tokens_delta")
@@ -444,49 +315,8 @@ def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapt
         owner, depth = _param_owner(module, cfg)
         if owner is not None:
             ad.params.setdefault(owner, []).append(_param_lora(wfile, owner, depth, module, slot))
-            continue
-        if "lora_A" in slot or "lora_B" in slot:
-            kind, ka, kb = "linear", "lora_A", "lora_B"
-        elif "lora_embedding_A" in slot or "lora_embedding_B" in slot:
-            kind, ka, kb = "embedding", "lora_embedding_A", "lora_embedding_B"
         else:
-            raise AdapterError(
-                f"{wfile}: module {module!r} has {', '.join(slot)} but no lora_A/lora_B",
-                hint="the adapter file is incomplete",
-            )
-        missing = [k for k in (ka, kb) if k not in slot]
-        if missing:
-            raise AdapterError(
-                f"{wfile}: module {module!r} lacks {' and '.join(missing)}", hint="the adapter file is incomplete"
-            )
-        a, b = slot.pop(ka), slot.pop(kb)
-        bias = slot.pop("lora_B.bias", None)
-        magnitude = slot.pop("lora_magnitude_vector", None)
-        if slot:
-            raise AdapterError(
-                f"{wfile}: module {module!r} has unexpected tensors: {', '.join(v.name for v in slot.values())}"
-            )
-        if len(a.shape) != 2 or len(b.shape) != 2:
-            raise AdapterError(
-                f"{wfile}: {a.name} {list(a.shape)} and {b.name} {list(b.shape)} must both be 2-D",
-                hint="convolutional LoRA layers are not supported",
-            )
-        r = int(_pattern_value(rank_pattern, module, r0))
-        alpha = _pattern_value(alpha_pattern, module, alpha0)
-        rank = a.shape[0]
-        if b.shape[1] != rank or rank != r:
-            raise AdapterError(
-                f"{wfile}: module {module!r}: {a.name} {list(a.shape)} and {b.name} {list(b.shape)} "
-                f"do not have rank r={r} from {CONFIG_NAME}",
-                hint="the config does not belong to these weights (check r and rank_pattern)",
-            )
-        for t in (a, b, bias, magnitude):
-            if t is not None and t.dtype not in ("F16", "BF16", "F32", "F64"):
-                raise AdapterError(f"{wfile}: {t.name} has dtype {t.dtype}; LoRA tensors must be floating point")
-        scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        ad.modules[module] = LoraModule(
-            module, kind, a, b, r, alpha, scaling, fan_in_fan_out and kind == "linear", bias, magnitude
-        )
+            ad.modules[module] = _lora_module(ad, module, slot)
     _check_dora(ad, wfile)
     _check_tokens_not_saved_whole(ad, adir)
     for ref in mirrors:
@@ -494,9 +324,73 @@ def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapt
         if twin is None:
             raise AdapterError(f"{wfile}: {ref.name!r} mirrors no trainable-tokens delta of the input embedding")
         ad.superseded[ref.name] = twin.name
-    if not refs:
-        raise AdapterError(f"{wfile}: holds no tensors")
     return ad
+
+
+def _group_keys(ad: Adapter) -> dict[str, dict[str, TensorRef]]:
+    """The LoRA tensors of each module (``lora_A``, ``lora_B``, ...); full saved layers are resolved into
+    ``ad.replacements`` as PEFT's loader resolves their spellings."""
+    parts: dict[str, dict[str, TensorRef]] = {}
+    spellings: dict[str, dict[str, list[TensorRef]]] = {}
+    for key, ref in ad.tensors.items():
+        m = _LORA_KEY.match(_normalize(key))
+        if m is None:
+            kind, name = saved_layer(_normalize(key))
+            spellings.setdefault(name, {}).setdefault(kind, []).append(ref)
+            continue
+        part = m["part"] + (".bias" if m["param"] == "bias" else "")
+        slot = parts.setdefault(m["module"], {})
+        if part in slot:
+            raise AdapterError(
+                f"{ad.weights_file}: module {m['module']!r} has two {part} tensors ({slot[part].name!r}, {key!r})",
+                hint="the file holds several adapters; save each adapter on its own",
+            )
+        slot[part] = ref
+    for name, kinds in spellings.items():
+        _resolve_saved_layer(ad, name, kinds)
+    return parts
+
+
+def _lora_module(ad: Adapter, module: str, slot: dict[str, TensorRef]) -> LoraModule:
+    """One wrapped layer's LoRA (linear or embedding), checked against the config's rank."""
+    wfile, cfg = ad.weights_file, ad.config
+    if "lora_A" in slot or "lora_B" in slot:
+        kind, ka, kb = "linear", "lora_A", "lora_B"
+    elif "lora_embedding_A" in slot or "lora_embedding_B" in slot:
+        kind, ka, kb = "embedding", "lora_embedding_A", "lora_embedding_B"
+    else:
+        raise AdapterError(
+            f"{wfile}: module {module!r} has {', '.join(slot)} but no lora_A/lora_B",
+            hint="the adapter file is incomplete",
+        )
+    missing = [k for k in (ka, kb) if k not in slot]
+    if missing:
+        raise AdapterError(
+            f"{wfile}: module {module!r} lacks {' and '.join(missing)}", hint="the adapter file is incomplete"
+        )
+    a, b = slot.pop(ka), slot.pop(kb)
+    bias, magnitude = slot.pop("lora_B.bias", None), slot.pop("lora_magnitude_vector", None)
+    if slot:
+        raise AdapterError(
+            f"{wfile}: module {module!r} has unexpected tensors: {', '.join(v.name for v in slot.values())}"
+        )
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise AdapterError(
+            f"{wfile}: {a.name} {list(a.shape)} and {b.name} {list(b.shape)} must both be 2-D",
+            hint="convolutional LoRA layers are not supported",
+        )
+    r, alpha, scaling = ad.rank_alpha(module)
+    if b.shape[1] != a.shape[0] or a.shape[0] != r:
+        raise AdapterError(
+            f"{wfile}: module {module!r}: {a.name} {list(a.shape)} and {b.name} {list(b.shape)} "
+            f"do not have rank r={r} from {CONFIG_NAME}",
+            hint="the config does not belong to these weights (check r and rank_pattern)",
+        )
+    for t in (a, b, bias, magnitude):
+        if t is not None and t.dtype not in ("F16", "BF16", "F32", "F64"):
+            raise AdapterError(f"{wfile}: {t.name} has dtype {t.dtype}; LoRA tensors must be floating point")
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False)) and kind == "linear"
+    return LoraModule(module, kind, a, b, r, alpha, scaling, fan_in_fan_out, bias, magnitude)
 
 
 def _check_dora(ad: Adapter, wfile: str) -> None:
