@@ -122,3 +122,41 @@ def test_no_string_test_of_the_save_method_outside_the_registry():
                 if any(c in SAVE_METHODS for c in consts) and any("save_method" in n or n == "kind" for n in names):
                     bad.append(f"{name}:{node.lineno}")
     assert bad == []
+
+
+#: the package's layers, in the direction data flows (a module imports only from its own layer or above it)
+LAYERS = [
+    ["version", "errors", "outputs"],
+    ["header", "source", "archive", "conversions", "lora", "updates", "options"],
+    ["formats", "adapters"],
+    ["experts", "match"],
+    ["plan", "report"],
+    ["execute", "pipeline", "sinks"],
+    ["job", "distributed", "hub"],
+    ["api", "batch", "verify", "verify_kinds", "synthetic"],
+    ["cli", "__main__"],
+]
+
+
+def _layer(module: str) -> int | None:
+    found = [
+        (len(p), i)
+        for i, names in enumerate(LAYERS)
+        for p in (f"streammerge.{n}" for n in names)
+        if module == p or module.startswith(p + ".")
+    ]
+    return max(found)[1] if found else None
+
+
+def test_no_import_from_a_lower_layer_up():
+    mods = _modules()
+    placed = {n: _layer(n) for n in mods if n != "streammerge"}
+    assert [n for n, layer in placed.items() if layer is None] == []  # every module has a layer
+    up = [
+        f"{n} (layer {placed[n]}) imports {t} (layer {placed[t]})"
+        for n, p in mods.items()
+        if n != "streammerge"
+        for t in _imports(n, p, mods)
+        if t != "streammerge" and placed[t] > placed[n]
+    ]
+    assert up == []
