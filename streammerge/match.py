@@ -12,27 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import experts
 from .adapters import Adapter, LoraModule, targets_module
 from .conversions import ConversionMap, fused_away, is_conv1d
 from .errors import AdapterError
+from .keymap import OUT_KEY, KeyMap, choose_keymap, find_input_embedding, is_tied, is_vocab, module_of
 from .source import TensorRef
-from .updates import BiasDelta, Dora, LowRank, RowReplace, Update
-
-#: weight names under which architectures keep their input embedding.
-EMBEDDING_SUFFIXES = (
-    "embed_tokens.weight",
-    "wte.weight",
-    "word_embeddings.weight",
-    "embed_in.weight",
-    "tok_embeddings.weight",
-    "shared.weight",
-)
-OUTPUT_NAMES = ("lm_head", "embed_out")
-OUT_KEY = "lm_head.weight"
+from .updates import BiasDelta, Dora, LowRank, RowReplace, Scale, Update
 
 
 @dataclass(frozen=True)
@@ -64,90 +52,6 @@ class Match:
     untie: bool = False
 
 
-# --- key maps --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KeyMap:
-    """Rename rule: drop ``strip`` from the front of a PEFT module name, then prepend ``add``."""
-
-    strip: str = ""
-    add: str = ""
-
-    def to_base(self, module: str) -> str | None:
-        if not module.startswith(self.strip):
-            return None
-        return self.add + module[len(self.strip) :]
-
-    def to_peft(self, base_module: str) -> str | None:
-        if not base_module.startswith(self.add):
-            return None
-        return self.strip + base_module[len(self.add) :]
-
-    def describe(self, module: str) -> str:
-        if not self.strip and not self.add:
-            return "same name"
-        return f"prefix: {self.strip or '(none)'!r} -> {self.add or '(none)'!r}"
-
-
-def module_of(tensor_name: str) -> tuple[str, str]:
-    """``a.b.weight`` -> (``a.b``, ``weight``)."""
-    head, _, param = tensor_name.rpartition(".")
-    return head, param
-
-
-def candidate_keymaps(modules: Iterable[str], base_names: Iterable[str]) -> list[KeyMap]:
-    maps = [KeyMap()]
-    firsts = {m.split(".", 1)[0] + "." for m in modules if "." in m}
-    maps += [KeyMap(strip=f) for f in sorted(firsts)]
-    prefixes = {n.split(".", 1)[0] + "." for n in base_names if "." in n}
-    maps += [KeyMap(add=p) for p in sorted(prefixes)]
-    maps += [KeyMap(strip=f, add=p) for f in sorted(firsts) for p in sorted(prefixes) if f != p]
-    return maps
-
-
-def choose_keymap(modules: list[str], base_modules: set[str], special: set[str] = frozenset(), extra=()) -> KeyMap:
-    """The rename rule under which the most adapter modules exist in the base (identity on ties);
-    ``extra``: further candidates (an architecture's key conversion)."""
-    best, best_hits = KeyMap(), -1
-    for km in [*candidate_keymaps(modules, base_modules), *extra]:
-        hits = 0
-        for m in modules:
-            b = km.to_base(m)
-            if b is not None and (b in base_modules or b in special):
-                hits += 1
-        if hits > best_hits:
-            best, best_hits = km, hits
-    return best
-
-
-def find_input_embedding(shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """The checkpoint's input embedding weight, if it has exactly one recognisable one."""
-    found = [n for n, s in shapes.items() if len(s) == 2 and n.endswith(EMBEDDING_SUFFIXES)]
-    if len(found) > 1:
-        found = [n for n in found if "vision" not in n and "encoder." not in n] or found
-    return found[0] if len(found) == 1 else None
-
-
-def is_tied(config: dict, names: set[str], output_key: str = OUT_KEY) -> bool:
-    """Whether the output embedding shares the input embedding's tensor.
-
-    ``tie_word_embeddings`` decides when present (also under ``text_config``); when absent the
-    checkpoint decides: no output projection stored means tied.
-    """
-    for cfg in (config, config.get("text_config") or {}):
-        if isinstance(cfg, dict) and isinstance(cfg.get("tie_word_embeddings"), bool):
-            if cfg["tie_word_embeddings"] and output_key in names:
-                return False  # stored explicitly: treat as its own tensor
-            return cfg["tie_word_embeddings"]
-    return output_key not in names
-
-
-def is_vocab(target: str, embed_key: str | None) -> bool:
-    """An input or output embedding: the tensors whose rows a resized vocabulary changes."""
-    return target == embed_key or module_of(target)[0].endswith(OUTPUT_NAMES)
-
-
 # --- matching --------------------------------------------------------------------------------------
 
 
@@ -165,6 +69,12 @@ def match_adapters(shapes: dict[str, tuple[int, ...]], config: dict, adapters: l
             raise AdapterError(
                 f"{name!r}: a DoRA update cannot be combined with other LoRA updates on the same tensor",
                 hint="merge the DoRA adapter on its own, then merge the others onto its output",
+            )
+        if any(isinstance(u, Scale) for u in ups) and len({u.origin for u in ups}) > 1:
+            raise AdapterError(
+                f"{name!r}: an IA3 vector scales the whole weight, so it cannot be combined with another "
+                "adapter's update on the same tensor (the order would change the result)",
+                hint="merge the IA3 adapter on its own, then merge the others onto its output",
             )
     return m.match
 
@@ -193,7 +103,7 @@ class _Matcher:
     def adapter(self, ad: Adapter) -> None:
         if ad.weight == 0:
             self.match.warnings.append(f"{ad.label}: weight 0 merges nothing of this adapter")
-        mods = list(ad.modules) + list(ad.tokens) + [module_of(n)[0] for n in ad.replacements] + list(ad.params)
+        mods = [*ad.modules, *ad.tokens, *(module_of(n)[0] for n in ad.replacements), *ad.params, *ad.others]
         extra = [self.conversion] if self.conversion else []
         km = choose_keymap(mods, self.base_modules, {"lm_head"} if self.match.tied else set(), extra)
         if km is self.conversion:
@@ -208,6 +118,7 @@ class _Matcher:
         for name, ref in ad.replacements.items():
             self.replacement(ad, km, name, ref, unmatched, used)
         self.lora_modules(ad, km, unmatched, used)
+        self.other_modules(ad, km, unmatched, used)
         for owner in ad.params:
             self.param_loras(ad, km, owner, unmatched, used)
         for mod, td in ad.tokens.items():
@@ -357,6 +268,25 @@ class _Matcher:
                 f"fan_in_fan_out to {now} (as PEFT does; {len(mods)} module(s), e.g. {mods[0]})"
             )
 
+    def other_modules(self, ad: Adapter, km: KeyMap, unmatched: list, used: set) -> None:
+        """Modules of the other adapter types (IA3 ...): each makes its updates of its base tensors."""
+        flips: dict[bool, list[str]] = {}
+        for mod, om in ad.others.items():
+            base = self.base_name(km, mod)
+            if base is None:
+                unmatched += om.parts()
+                continue
+            used.update(om.parts())
+            bias = module_of(base)[0] + ".bias"
+            bias_of = (bias, self.shapes[bias]) if bias in self.names else None
+            conv = is_conv1d(self.model_type, mod)
+            if bool(ad.config.get("fan_in_fan_out")) != conv:
+                flips.setdefault(bool(ad.config.get("fan_in_fan_out")), []).append(mod)
+            for tensor, upd in om.updates(base, self.shapes[base], conv, bias_of, ad.weights_file):
+                self.match.updates.setdefault(tensor, []).append(upd)
+            self.match.records.append(ModuleRecord(ad.path, mod, base, om.kind, 0, 0.0, 0.0, 1.0, km.describe(mod)))
+        self.fan_in_fan_out_warnings(ad, flips)
+
     def check_parameters_present(self, ad: Adapter, km: KeyMap) -> None:
         spell = self.conversion.to_peft if self.conversion else km.to_peft  # the conversion covers every module
         spelled = {spell(b) for b in self.base_modules} - {None}
@@ -473,7 +403,7 @@ def check_targets_present(ad: Adapter, km: KeyMap, base_modules: set[str]) -> No
             m = re.search(r"\.(\d+)\.", pm)
             if m is None or int(m.group(1)) not in layers:
                 continue
-        if pm not in ad.modules:
+        if pm not in ad.modules and pm not in ad.others:
             missing.append(pm)
     if missing:
         raise AdapterError(

@@ -187,7 +187,26 @@ class ExpertDelta(_Update):
         return w
 
 
-Update = LowRank | BiasDelta | Dora | RowReplace | ExpertDelta
+@dataclass(frozen=True)
+class Scale(_Update):
+    """(IA)^3: ``W *= l`` elementwise, ``l`` along the rows (``rows``: one factor per row, the bias's too)
+    or along the columns; one rounding, as PEFT's ``torch.mul(W, l)`` in fp32."""
+
+    vec: TensorRef
+    rows: bool
+    origin: str
+
+    def refs(self):
+        return ((self.vec, "ia3_l", False),)
+
+    def apply(self, ws, tensors, w, shape, r0: int, r1: int, whole: bool, out_dtype):
+        vec = tensors[0].reshape(-1)
+        if self.rows:
+            return w.mul_(vec[r0:r1].view(-1, *([1] * (w.dim() - 1))))
+        return w.mul_(vec)
+
+
+Update = LowRank | BiasDelta | Dora | RowReplace | ExpertDelta | Scale
 
 
 def block_align(updates) -> int:

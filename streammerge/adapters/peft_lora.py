@@ -14,7 +14,7 @@ from .lora_config import CONFIG_NAME, check_config
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.safetensors.zst")
 PEFT_PREFIX = "base_model.model."
 
-_LORA_KEY = re.compile(
+LORA_KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
     r"|token_adapter\.trainable_tokens_delta)(?:\.(?P<name>(?!(?:weight|bias)$)[^.]+))?(?:\.(?P<param>weight|bias))?$"
 )
@@ -76,6 +76,8 @@ class Adapter:
     #: -> the tensor used instead
     superseded: dict[str, str] = field(default_factory=dict)
     tensors: dict[str, TensorRef] = field(default_factory=dict)  # every tensor in the file, by key
+    #: modules of another adapter type (IA3 ...), each with ``parts()`` and ``updates(...)``
+    others: dict[str, object] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -114,7 +116,8 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _load_weights(adir: Path, reader: Reader) -> tuple[str, dict[str, TensorRef]]:
+def load_weights(adir: Path, reader: Reader) -> tuple[str, dict[str, TensorRef]]:
+    """The adapter's weights file and its tensors (safetensors headers, or a safely loaded ``.bin``)."""
     st = adir / WEIGHT_NAMES[0]
     if not st.is_file() and (adir / WEIGHT_NAMES[2]).is_file():
         st = adir / WEIGHT_NAMES[2]
@@ -150,7 +153,7 @@ def _load_weights(adir: Path, reader: Reader) -> tuple[str, dict[str, TensorRef]
     )
 
 
-def _normalize(key: str) -> str:
+def normalize(key: str) -> str:
     return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
 
 
@@ -197,7 +200,7 @@ def saved_layer(name: str) -> tuple[str, str]:
     return ("copy" if m["adapter"] else "unnamed_copy"), target
 
 
-def _resolve_saved_layer(ad: Adapter, name: str, kinds: dict[str, list[TensorRef]]) -> None:
+def resolve_saved_layer(ad: Adapter, name: str, kinds: dict[str, list[TensorRef]]) -> None:
     """What PEFT's loader does with the spellings of one saved layer: the trained copy of a modules_to_save
     layer wins (and makes its ``original_module`` and unnamed ``modules_to_save`` spellings redundant); a
     wrapped layer's ``base_layer`` copy overwrites the base tensor. Those spellings without the trained
@@ -297,7 +300,7 @@ def load_adapter(path: Path | str, reader: Reader, weight: float = 1.0) -> Adapt
         )
     cfg = read_json(adir / CONFIG_NAME, CONFIG_NAME, AdapterError)
     check_config(cfg, adir / CONFIG_NAME)
-    wfile, refs = _load_weights(adir, reader)
+    wfile, refs = load_weights(adir, reader)
     if not refs:
         raise AdapterError(f"{wfile}: holds no tensors")
     ad = Adapter(str(adir), wfile, weight, cfg, tensors=refs)
@@ -333,9 +336,9 @@ def _group_keys(ad: Adapter) -> dict[str, dict[str, TensorRef]]:
     parts: dict[str, dict[str, TensorRef]] = {}
     spellings: dict[str, dict[str, list[TensorRef]]] = {}
     for key, ref in ad.tensors.items():
-        m = _LORA_KEY.match(_normalize(key))
+        m = LORA_KEY.match(normalize(key))
         if m is None:
-            kind, name = saved_layer(_normalize(key))
+            kind, name = saved_layer(normalize(key))
             spellings.setdefault(name, {}).setdefault(kind, []).append(ref)
             continue
         part = m["part"] + (".bias" if m["param"] == "bias" else "")
@@ -347,7 +350,7 @@ def _group_keys(ad: Adapter) -> dict[str, dict[str, TensorRef]]:
             )
         slot[part] = ref
     for name, kinds in spellings.items():
-        _resolve_saved_layer(ad, name, kinds)
+        resolve_saved_layer(ad, name, kinds)
     return parts
 
 

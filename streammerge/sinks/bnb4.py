@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 from ..errors import QuantError
 from ..formats.bnb4 import Quant4Source
-from ..match import module_of
+from ..keymap import module_of
 from ..options import QuantOut
 from ..source import CONFIG_DTYPE_NAME, numel
 

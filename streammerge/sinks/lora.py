@@ -14,7 +14,7 @@ from .outdir import commit_work_dir, copy_file, discard_work_dir, prepare_work_d
 from .safetensors import ShardWriter
 
 _LORA_PART = re.compile(
-    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|token_adapter\.trainable_tokens_delta)"
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|ia3_l|token_adapter\.trainable_tokens_delta)"
     r"\.(?!weight$|bias$)[^.]+(?=\.|$)"
 )
 

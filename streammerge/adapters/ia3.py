@@ -1,0 +1,119 @@
+"""PEFT (IA)^3 adapters (peft_type IA3): one learned vector ``ia3_l`` per targeted layer that scales it,
+on the input side for the modules named in ``feedforward_modules`` (``ia3_l`` [1, in]: the weight's
+columns) and on the output side otherwise (``ia3_l`` [out, 1]: the weight's rows and the bias). PEFT's
+merge is ``W * l`` in fp32 rounded once (transposed for GPT-2's ``Conv1D``, whose weight is [in, out]), and
+``b * l`` for an output-side vector; ``modules_to_save`` layers replace the base's as for LoRA."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import AdapterError
+from ..source import Reader, TensorRef, read_json
+from ..updates import Scale, Update
+from .lora_config import CONFIG_NAME
+from .peft_lora import LORA_KEY, Adapter, load_weights, normalize, resolve_saved_layer, saved_layer
+
+_IA3_KEY = re.compile(r"^(?P<module>.+?)\.ia3_l(?:\.(?P<name>[^.]+))?$")
+
+
+@dataclass(frozen=True)
+class ScaleModule:
+    """The (IA)^3 vector of one wrapped layer."""
+
+    module: str
+    vec: TensorRef
+    feedforward: bool
+    kind = "ia3"
+
+    def parts(self) -> list[str]:
+        return [self.vec.name]
+
+    def updates(self, weight: str, shape: tuple[int, ...], conv1d: bool, bias: tuple | None, where: str) -> list:
+        """``(tensor, update)`` for the weight (and the bias of an output-side vector), checked against
+        ``shape`` ([out, in], or [in, out] for a ``Conv1D``); ``bias``: (name, shape) or None."""
+        if len(shape) != 2:
+            raise AdapterError(f"{where}: {self.vec.name} targets {weight!r} {list(shape)}: IA3 needs a 2-D weight")
+        out_f, in_f = (shape[1], shape[0]) if conv1d else shape
+        want = (1, in_f) if self.feedforward else (out_f, 1)
+        if tuple(self.vec.shape) != want:
+            side = "input (feedforward_modules)" if self.feedforward else "output"
+            raise AdapterError(
+                f"{where}: {self.vec.name} {list(self.vec.shape)} does not fit {weight!r} {list(shape)}: an "
+                f"{side}-side vector is {list(want)}",
+                hint="the adapter was trained on a different model, or feedforward_modules does not belong to it",
+            )
+        rows = self.feedforward == conv1d  # input side of [in, out] or output side of [out, in]
+        found: list[tuple[str, Update]] = [(weight, Scale(self.vec, rows, self.module))]
+        if bias is not None and not self.feedforward:
+            found.append((bias[0], Scale(self.vec, True, self.module)))
+        return found
+
+
+def _feedforward(spec, module: str) -> bool:
+    """PEFT's test: a regex string matches the whole name; a list entry is a plain suffix of it."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module) is not None
+    return any(module.endswith(key) for key in spec or ())
+
+
+def _check_config(cfg: dict, where: Path) -> None:
+    def strings(v) -> bool:
+        return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+    for key in ("target_modules", "feedforward_modules", "exclude_modules"):
+        v = cfg.get(key)
+        if v is not None and not strings(v):
+            raise AdapterError(f"{where}: {key!r} must be a module name pattern or a list of names, found {v!r}")
+        if isinstance(v, str):
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise AdapterError(f"{where}: {key!r} is not a valid regular expression ({e})") from None
+    mts = cfg.get("modules_to_save")
+    if mts is not None and not (isinstance(mts, list) and all(isinstance(x, str) for x in mts)):
+        raise AdapterError(f"{where}: 'modules_to_save' must be a list of module names, found {mts!r}")
+    if cfg.get("fan_in_fan_out") not in (None, True, False):
+        raise AdapterError(f"{where}: 'fan_in_fan_out' must be true or false, found {cfg['fan_in_fan_out']!r}")
+
+
+def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
+    """Index an IA3 adapter directory: its vectors per module and its saved full layers."""
+    where = adir / CONFIG_NAME
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight != 1:
+        raise AdapterError(
+            f"{adir}: an IA3 adapter cannot be merged with a weight ({weight!r}): its vectors multiply the "
+            "weights, so a weighted sum has no meaning",
+            hint="pass the adapter without :WEIGHT",
+        )
+    cfg = read_json(where, CONFIG_NAME, AdapterError)
+    _check_config(cfg, where)
+    wfile, refs = load_weights(adir, reader)
+    if not refs:
+        raise AdapterError(f"{wfile}: holds no tensors")
+    lora_keys = sorted(k for k in refs if LORA_KEY.match(normalize(k)))
+    if lora_keys:
+        raise AdapterError(
+            f"{where}: peft_type is IA3 but {wfile} holds LoRA tensors ({lora_keys[0]} ...)",
+            hint="the config belongs to another adapter; use the adapter_config.json saved with these weights",
+        )
+    ad = Adapter(str(adir), wfile, 1.0, cfg, tensors=refs)
+    spellings: dict[str, dict[str, list[TensorRef]]] = {}
+    for key, ref in refs.items():
+        m = _IA3_KEY.match(normalize(key))
+        if m is None:
+            kind, name = saved_layer(normalize(key))
+            spellings.setdefault(name, {}).setdefault(kind, []).append(ref)
+        elif m["module"] in ad.others:
+            raise AdapterError(f"{wfile}: module {m['module']!r} has two ia3_l tensors", hint="save each adapter alone")
+        else:
+            if ref.dtype not in ("F16", "BF16", "F32", "F64"):
+                raise AdapterError(f"{wfile}: {ref.name} has dtype {ref.dtype}; IA3 vectors must be floating point")
+            ff = _feedforward(cfg.get("feedforward_modules"), m["module"])
+            ad.others[m["module"]] = ScaleModule(m["module"], ref, ff)
+    for name, kinds in spellings.items():
+        resolve_saved_layer(ad, name, kinds)
+    return ad
