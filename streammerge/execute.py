@@ -160,10 +160,9 @@ class Executor:
         prepared = []
         for u in job.updates:
             host = [self._adapter_tensor(ref, role, CPU) for ref, role, on_host in u.refs() if on_host]
-            u, host = u.prepared(host, self.fold_scaling)
-            loaded = iter(t.to(dev) for t in host)
-            tensors = [next(loaded) if on_host else self._adapter_tensor(r, role, dev) for r, role, on_host in u.refs()]
-            prepared.append((u, tensors))
+            u, host = u.prepared(host, self.fold_scaling)  # the host tensors as applied (may be combined)
+            on_dev = [self._adapter_tensor(ref, role, dev) for ref, role, on_host in u.refs() if not on_host]
+            prepared.append((u, [t.to(dev) for t in host] + on_dev))
         return rows_of, prepared
 
     def direct_ok(self, job: TensorJob) -> bool:

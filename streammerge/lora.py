@@ -119,3 +119,15 @@ def add_rounded(w: torch.Tensor, delta: torch.Tensor, weight: float, round_to: t
     if weight != 1.0:
         delta = delta.mul_(weight)
     return w.add_(delta.to(round_to))
+
+
+def hadamard_delta(w1a, w1b, w2a, w2b, scaling: float) -> torch.Tensor:
+    """LoHa (PEFT's ``HadaWeight``): ``((w1a @ w1b) * (w2a @ w2b)) * scaling``, in that order; rows of
+    ``w1a``/``w2a`` are rows of the delta (a row block of them gives that block, bit for bit)."""
+    return ((w1a @ w1b) * (w2a @ w2b)) * scaling
+
+
+def kron_delta(w1: torch.Tensor, w2: torch.Tensor, scaling: float) -> torch.Tensor:
+    """LoKr (PEFT's ``make_kron``): ``kron(w1, w2) * scaling``; rows ``w1[i]`` give delta rows
+    ``i * len(w2) ...``, elementwise, so any block of whole ``w1`` rows is exact."""
+    return torch.kron(w1, w2.contiguous()) * scaling

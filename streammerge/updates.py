@@ -8,6 +8,7 @@ Planning imports this module without torch: the arithmetic imports :mod:`lora` (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from .source import TensorRef
@@ -206,12 +207,72 @@ class Scale(_Update):
         return w.mul_(vec)
 
 
-Update = LowRank | BiasDelta | Dora | RowReplace | ExpertDelta | Scale
+@dataclass(frozen=True)
+class Hadamard(_Update):
+    """LoHa: ``W += weight * ((w1a @ w1b) * (w2a @ w2b)) * scaling`` (``w1a``, ``w2a``: [out, r])."""
+
+    w1a: TensorRef
+    w1b: TensorRef
+    w2a: TensorRef
+    w2b: TensorRef
+    scaling: float
+    weight: float
+    origin: str
+
+    def refs(self):
+        return tuple((t, n, True) for t, n in zip((self.w1a, self.w1b, self.w2a, self.w2b), _HADA, strict=True))
+
+    def apply(self, ws, tensors, w, shape, r0: int, r1: int, whole: bool, out_dtype):
+        from . import lora
+
+        w1a, w1b, w2a, w2b = tensors
+        if not whole:
+            w1a, w2a = w1a[r0:r1], w2a[r0:r1]
+        return lora.apply_lowrank(w, lora.hadamard_delta(w1a, w1b, w2a, w2b, self.scaling), self.weight, None)
+
+
+_HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+@dataclass(frozen=True)
+class Kron(_Update):
+    """LoKr: ``W += weight * kron(w1, w2) * scaling``; each factor stored whole (one tensor) or as a
+    low-rank pair whose product it is. A row block must hold whole rows of ``w1``: ``w2_rows`` apart."""
+
+    w1: tuple[TensorRef, ...]
+    w2: tuple[TensorRef, ...]
+    w2_rows: int
+    scaling: float
+    weight: float
+    origin: str
+
+    @property
+    def row_align(self) -> int:
+        return self.w2_rows
+
+    def refs(self):
+        return tuple((t, t.name.rsplit(".", 1)[-1], True) for t in (*self.w1, *self.w2))
+
+    def prepared(self, tensors: list, fold_scaling: bool):
+        n = len(self.w1)
+        w1 = tensors[0] if n == 1 else tensors[0] @ tensors[1]
+        w2 = tensors[n] if len(self.w2) == 1 else tensors[n] @ tensors[n + 1]
+        return self, [w1, w2]
+
+    def apply(self, ws, tensors, w, shape, r0: int, r1: int, whole: bool, out_dtype):
+        from . import lora
+
+        w1, w2 = tensors
+        k = self.w2_rows
+        return lora.apply_lowrank(w, lora.kron_delta(w1[r0 // k : r1 // k], w2, self.scaling), self.weight, None)
+
+
+Update = LowRank | BiasDelta | Dora | RowReplace | ExpertDelta | Scale | Hadamard | Kron
 
 
 def block_align(updates) -> int:
     """The row multiple a tensor's blocks start on: 1 when a fused expert tensor's rows are experts,
     else the largest any of its updates needs."""
-    if any(u.row_align == 1 for u in updates):
+    if any(u.row_align == 1 and isinstance(u, ExpertDelta) for u in updates):
         return 1
-    return max((u.row_align for u in updates), default=ROW_ALIGN)
+    return math.lcm(ROW_ALIGN, *(u.row_align for u in updates))

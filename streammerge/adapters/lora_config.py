@@ -61,6 +61,17 @@ def _check_type(cfg: dict) -> None:
         )
 
 
+def check_numbers(cfg: dict, where: Path) -> None:
+    """``r``, ``lora_alpha`` (``alpha`` in LyCORIS configs), the rank and alpha patterns and
+    ``layers_to_transform`` of any adapter type that has them."""
+    if "alpha" in cfg and "lora_alpha" not in cfg:
+        cfg = {**cfg, "lora_alpha": cfg["alpha"]}
+    try:
+        _check_numbers(cfg)
+    except _Invalid as e:
+        raise AdapterError(f"{where}: {e.args[0]}".replace("'lora_alpha'", "'alpha'"), hint=e.args[1]) from None
+
+
 def _check_numbers(cfg: dict) -> None:
     if not _positive(cfg.get("r"), integer=True):
         _fail(f"'r' must be a positive integer, found {cfg.get('r')!r}")

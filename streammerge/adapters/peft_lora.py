@@ -87,7 +87,7 @@ class Adapter:
         """``r``, ``lora_alpha`` and the scaling PEFT gives the wrapper of ``name`` (rank/alpha patterns)."""
         cfg = self.config
         r = int(_pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"]))
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"])
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", cfg.get("alpha")))
         return r, alpha, (alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
 
 
