@@ -15,7 +15,7 @@ from ..errors import AdapterError
 from ..source import Reader, TensorRef, read_json
 from ..updates import Scale, Update
 from .lora_config import CONFIG_NAME
-from .peft_lora import LORA_KEY, Adapter, load_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
 
 _IA3_KEY = re.compile(r"^(?P<module>.+?)\.ia3_l(?:\.(?P<name>[^.]+))?$")
 
@@ -91,15 +91,7 @@ def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
         )
     cfg = read_json(where, CONFIG_NAME, AdapterError)
     _check_config(cfg, where)
-    wfile, refs = load_weights(adir, reader)
-    if not refs:
-        raise AdapterError(f"{wfile}: holds no tensors")
-    lora_keys = sorted(k for k in refs if LORA_KEY.match(normalize(k)))
-    if lora_keys:
-        raise AdapterError(
-            f"{where}: peft_type is IA3 but {wfile} holds LoRA tensors ({lora_keys[0]} ...)",
-            hint="the config belongs to another adapter; use the adapter_config.json saved with these weights",
-        )
+    wfile, refs = load_typed_weights(adir, reader, "IA3")
     ad = Adapter(str(adir), wfile, 1.0, cfg, tensors=refs)
     spellings: dict[str, dict[str, list[TensorRef]]] = {}
     for key, ref in refs.items():

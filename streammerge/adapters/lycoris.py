@@ -15,7 +15,7 @@ from ..errors import AdapterError
 from ..source import Reader, TensorRef, read_json
 from ..updates import Hadamard, Kron
 from .lora_config import CONFIG_NAME, check_numbers
-from .peft_lora import LORA_KEY, Adapter, load_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
 
 PARTS = {
     "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
@@ -87,12 +87,7 @@ def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     cfg = read_json(where, CONFIG_NAME, AdapterError)
     ptype = str(cfg.get("peft_type", "")).upper()
     check_numbers(cfg, where)
-    wfile, refs = load_weights(adir, reader)
-    if not refs:
-        raise AdapterError(f"{wfile}: holds no tensors")
-    lora_keys = sorted(k for k in refs if LORA_KEY.match(normalize(k)))
-    if lora_keys:
-        raise AdapterError(f"{where}: peft_type is {ptype} but {wfile} holds LoRA tensors ({lora_keys[0]} ...)")
+    wfile, refs = load_typed_weights(adir, reader, ptype)
     ad = Adapter(str(adir), wfile, weight, cfg, tensors=refs)
     key = re.compile(rf"^(?P<module>.+?)\.(?P<part>{'|'.join(PARTS[ptype])})(?:\.[^.]+)?$")
     groups: dict[str, dict[str, TensorRef]] = {}

@@ -153,6 +153,21 @@ def load_weights(adir: Path, reader: Reader) -> tuple[str, dict[str, TensorRef]]
     )
 
 
+def load_typed_weights(adir: Path, reader: Reader, ptype: str) -> tuple[str, dict[str, TensorRef]]:
+    """The weights of an adapter of another ``peft_type``: there, and not LoRA tensors (whose config it
+    would then not be)."""
+    wfile, refs = load_weights(adir, reader)
+    if not refs:
+        raise AdapterError(f"{wfile}: holds no tensors")
+    lora_keys = sorted(k for k in refs if LORA_KEY.match(normalize(k)))
+    if lora_keys:
+        raise AdapterError(
+            f"{adir / CONFIG_NAME}: peft_type is {ptype} but {wfile} holds LoRA tensors ({lora_keys[0]} ...)",
+            hint="the config belongs to another adapter; use the adapter_config.json saved with these weights",
+        )
+    return wfile, refs
+
+
 def normalize(key: str) -> str:
     return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
 
