@@ -198,8 +198,8 @@ def _sibling_note(rbase: hub.Resolved, ckpt: Checkpoint, specs) -> list[str]:
     ads = " ".join(p if w == 1.0 else f"{p}:{w:g}" for p, w in specs)
     return [
         f"{rbase.repo_id} is pre-quantized and its full-precision sibling {sibling} is in the cache: "
-        f"`streammerge merge {sibling} {ads} OUT` merges onto the 16-bit weights instead (see README: which base "
-        "to merge onto)"
+        f"`streammerge merge {sibling} {ads} OUT` merges onto the 16-bit weights instead (see docs/FORMATS.md: "
+        "which base to merge onto)"
     ]
 
 
