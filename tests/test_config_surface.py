@@ -184,3 +184,14 @@ def test_tokens_and_modules_to_save_on_one_layer_are_refused(tmp_path):
     )  # fmt: skip
     with pytest.raises(AdapterError, match="'modules_to_save' and 'trainable_token_indices' both train"):
         streammerge.merge(base, ad, tmp_path / "out")
+
+
+def test_all_zero_lora_b_is_a_warning(pair_copy, tmp_path):
+    """An adapter whose lora_B is all zero (saved before training, or with init_lora_weights=True) changes
+    nothing: merged, with a warning naming the tensor."""
+    base, ad = pair_copy
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    sd = load_file(ad / ADAPTER_ST)
+    save_file({**sd, key: torch.zeros_like(sd[key])}, ad / ADAPTER_ST)
+    report = streammerge.merge(base, ad, tmp_path / "out")
+    assert any(key in w and "all zero" in w for w in report.warnings), report.warnings
