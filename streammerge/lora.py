@@ -131,3 +131,9 @@ def kron_delta(w1: torch.Tensor, w2: torch.Tensor, scaling: float) -> torch.Tens
     """LoKr (PEFT's ``make_kron``): ``kron(w1, w2) * scaling``; rows ``w1[i]`` give delta rows
     ``i * len(w2) ...``, elementwise, so any block of whole ``w1`` rows is exact."""
     return torch.kron(w1, w2.contiguous()) * scaling
+
+
+def svd_delta(ae: torch.Tensor, b: torch.Tensor, scaling: float, ranknum: float, transposed: bool) -> torch.Tensor:
+    """AdaLoRA (PEFT's ``SVDLinear.get_delta_weight``): ``transpose(B @ (A * E)) * scaling / (ranknum + 1e-5)``,
+    ``ae`` = ``A * E`` (exact elementwise), ``ranknum`` the initial rank held as a float32 tensor."""
+    return lowrank_delta(ae, b, scaling, transposed) / (torch.tensor([float(ranknum)], device=b.device) + 1e-5)

@@ -142,6 +142,13 @@ def _jobs(logical: dict[str, Source], match: Match, opts: MergeOptions) -> list[
         if ups and dtype not in FLOAT_DTYPES:
             raise AdapterError(f"base tensor {name!r} has dtype {dtype}; LoRA can only update float tensors")
         check_rows(name, src.shape, ups)
+        if not formats.is_dense(src) and not all(u.on_quantized for u in ups):
+            kinds = sorted({type(u).__name__ for u in ups if not u.on_quantized})
+            raise AdapterError(
+                f"{name!r} is stored {src.label}: merging a {'/'.join(kinds)} update onto a quantized weight is not "
+                "supported yet (no parity test against PEFT's dequantize + merge)",
+                hint="merge onto the 16-bit base, or dequantize the base first",
+            )
         enc = None
         if choose is not None and dtype in FLOAT_DTYPES:
             enc = choose(name, base_src if base_src is not None else src, src.shape, embed_key, opts)

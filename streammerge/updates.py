@@ -23,6 +23,7 @@ class _Update:
     whole_tensor = False
     work_bytes = 0
     tileable = False  # plain LoRA rounded per tile into 16 bits (the executor's cache-sized fast path)
+    on_quantized = True  # parity-tested against PEFT on quantized (bnb, FP8, MXFP4) bases
 
     @property
     def row_align(self) -> int:
@@ -193,6 +194,8 @@ class Scale(_Update):
     """(IA)^3: ``W *= l`` elementwise, ``l`` along the rows (``rows``: one factor per row, the bias's too)
     or along the columns; one rounding, as PEFT's ``torch.mul(W, l)`` in fp32."""
 
+    on_quantized = False  # not yet parity-tested on quantized bases: refused there
+
     vec: TensorRef
     rows: bool
     origin: str
@@ -210,6 +213,8 @@ class Scale(_Update):
 @dataclass(frozen=True)
 class Hadamard(_Update):
     """LoHa: ``W += weight * ((w1a @ w1b) * (w2a @ w2b)) * scaling`` (``w1a``, ``w2a``: [out, r])."""
+
+    on_quantized = False  # not yet parity-tested on quantized bases: refused there
 
     w1a: TensorRef
     w1b: TensorRef
@@ -239,6 +244,8 @@ class Kron(_Update):
     """LoKr: ``W += weight * kron(w1, w2) * scaling``; each factor stored whole (one tensor) or as a
     low-rank pair whose product it is. A row block must hold whole rows of ``w1``: ``w2_rows`` apart."""
 
+    on_quantized = False  # not yet parity-tested on quantized bases: refused there
+
     w1: tuple[TensorRef, ...]
     w2: tuple[TensorRef, ...]
     w2_rows: int
@@ -267,7 +274,45 @@ class Kron(_Update):
         return lora.apply_lowrank(w, lora.kron_delta(w1[r0 // k : r1 // k], w2, self.scaling), self.weight, None)
 
 
-Update = LowRank | BiasDelta | Dora | RowReplace | ExpertDelta | Scale | Hadamard | Kron
+@dataclass(frozen=True)
+class SvdDelta(_Update):
+    """AdaLoRA: ``W += weight * transpose?(B @ (A * E)) * scaling / (ranknum + 1e-5)``. ``resized``: the
+    module's rank was pruned (``rank_pattern``), and PEFT's loader, which rebuilds such a module, rounds its
+    factors to the model's 16-bit dtype first: so are they here."""
+
+    on_quantized = False  # not yet parity-tested on quantized bases: refused there
+
+    a: TensorRef
+    b: TensorRef
+    e: TensorRef
+    scaling: float
+    ranknum: float
+    weight: float
+    transposed: bool
+    resized: bool
+    origin: str
+
+    @property
+    def row_align(self) -> int:
+        return COL_ALIGN if self.transposed else ROW_ALIGN
+
+    def refs(self):
+        return ((self.a, "lora_A", True), (self.b, "lora_B", True), (self.e, "lora_E", True))
+
+    def apply(self, ws, tensors, w, shape, r0: int, r1: int, whole: bool, out_dtype):
+        from . import lora
+
+        a, b, e = tensors
+        if self.resized and out_dtype.itemsize == 2:
+            a, b, e = (t.to(out_dtype).float() for t in (a, b, e))
+        ae = a * e  # PEFT's A * E (E: [r, 1], one factor per row of A), exact
+        if not whole:
+            ae, b = (ae[:, r0:r1].contiguous(), b) if self.transposed else (ae, b[r0:r1])
+        delta = lora.svd_delta(ae, b, self.scaling, self.ranknum, self.transposed)
+        return lora.apply_lowrank(w, delta, self.weight, None)
+
+
+Update = LowRank | BiasDelta | Dora | RowReplace | ExpertDelta | Scale | Hadamard | Kron | SvdDelta
 
 
 def block_align(updates) -> int:

@@ -405,3 +405,18 @@ def test_quantize_4bit_equals_bitsandbytes(quant_type, double, n, blocksize, sto
             assert bytes(ours_parts[k].numpy()).rstrip(b" ") == bytes(v.numpy())
         else:
             assert torch.equal(ours_parts[k].view(torch.uint8), v.contiguous().view(torch.uint8)), k
+
+
+def test_other_adapter_types_on_a_quantized_base_are_refused(q_models, tmp_path):
+    """(IA)^3, LoHa, LoKr and AdaLoRA have no parity test against transformers' dequantization + PEFT yet:
+    on a 4-bit base they are refused by name, with nothing written."""
+    from peft import IA3Config, get_peft_model
+
+    from streammerge.errors import AdapterError
+
+    model = build_model("llama", torch.bfloat16, intermediate_size=96)
+    pm = get_peft_model(model, IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    pm.save_pretrained(tmp_path / "ia3")
+    with pytest.raises(AdapterError, match="Scale update onto a quantized weight is not supported"):
+        streammerge.merge(q_models["nf4"], tmp_path / "ia3", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
