@@ -394,6 +394,9 @@ def check_targets_present(ad: Adapter, km: KeyMap, base_modules: set[str]) -> No
     if isinstance(layers, int):
         layers = [layers]
     exclude = ad.config.get("exclude_modules")
+    trained = {*ad.modules, *ad.others}
+    if ad.targets_replaced:
+        trained |= {module_of(n)[0] for n in ad.replacements}
     missing = []
     for bm in sorted(base_modules):
         pm = km.to_peft(bm)
@@ -403,11 +406,11 @@ def check_targets_present(ad: Adapter, km: KeyMap, base_modules: set[str]) -> No
             m = re.search(r"\.(\d+)\.", pm)
             if m is None or int(m.group(1)) not in layers:
                 continue
-        if pm not in ad.modules and pm not in ad.others:
+        if pm not in trained:
             missing.append(pm)
     if missing:
         raise AdapterError(
-            f"{ad.weights_file}: adapter_config.json targets {len(missing)} module(s) that have no LoRA tensors",
+            f"{ad.weights_file}: adapter_config.json targets {len(missing)} module(s) that have no adapter tensors",
             details=missing,
             hint="PEFT would leave these at random initialisation; the adapter file is incomplete or the "
             "config belongs to another adapter",

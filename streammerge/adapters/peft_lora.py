@@ -78,6 +78,8 @@ class Adapter:
     tensors: dict[str, TensorRef] = field(default_factory=dict)  # every tensor in the file, by key
     #: modules of another adapter type (IA3 ...), each with ``parts()`` and ``updates(...)``
     others: dict[str, object] = field(default_factory=dict)
+    #: the targeted modules are trained by replacement (LN tuning): a replacement counts as their tensors
+    targets_replaced: bool = False
 
     @property
     def label(self) -> str:
