@@ -137,3 +137,10 @@ def svd_delta(ae: torch.Tensor, b: torch.Tensor, scaling: float, ranknum: float,
     """AdaLoRA (PEFT's ``SVDLinear.get_delta_weight``): ``transpose(B @ (A * E)) * scaling / (ranknum + 1e-5)``,
     ``ae`` = ``A * E`` (exact elementwise), ``ranknum`` the initial rank held as a float32 tensor."""
     return lowrank_delta(ae, b, scaling, transposed) / (torch.tensor([float(ranknum)], device=b.device) + 1e-5)
+
+
+def vera_delta(a, b, lambda_b, lambda_d, transposed: bool) -> torch.Tensor:
+    """VeRA (PEFT's ``get_delta_weight``): ``transpose((lambda_b * B) @ (lambda_d * A))``, ``A`` and ``B`` the
+    shared projections already sliced to the layer (rows of ``B``/``lambda_b`` are the delta's rows)."""
+    d = (lambda_b.unsqueeze(-1) * b) @ (lambda_d.unsqueeze(-1) * a)
+    return d.T if transposed else d

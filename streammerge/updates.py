@@ -312,7 +312,47 @@ class SvdDelta(_Update):
         return lora.apply_lowrank(w, delta, self.weight, None)
 
 
-Update = LowRank | BiasDelta | Dora | RowReplace | ExpertDelta | Scale | Hadamard | Kron | SvdDelta
+@dataclass(frozen=True)
+class VeraDelta(_Update):
+    """VeRA: ``W += weight * transpose?((lambda_b * B[:out]) @ (lambda_d * A[:, :in]))``, ``A``/``B`` the
+    model's shared random projections (loaded by PEFT in fp32, as saved), in fp32, rounded once."""
+
+    a: TensorRef
+    b: TensorRef
+    lambda_b: TensorRef
+    lambda_d: TensorRef
+    out_f: int
+    in_f: int
+    weight: float
+    transposed: bool
+    origin: str
+    on_quantized = False  # not yet parity-tested on quantized bases: refused there
+
+    @property
+    def row_align(self) -> int:
+        return COL_ALIGN if self.transposed else ROW_ALIGN
+
+    def refs(self):
+        return (
+            (self.a, "vera_A", True), (self.b, "vera_B", True),
+            (self.lambda_b, "vera_lambda_b", True), (self.lambda_d, "vera_lambda_d", True),
+        )  # fmt: skip
+
+    def prepared(self, tensors: list, fold_scaling: bool):
+        a, b, lb, ld = tensors
+        return self, [a[:, : self.in_f], b[: self.out_f], lb, ld]
+
+    def apply(self, ws, tensors, w, shape, r0: int, r1: int, whole: bool, out_dtype):
+        from . import lora
+
+        a, b, lb, ld = tensors
+        if not whole:
+            a, ld = (a[:, r0:r1], ld) if self.transposed else (a, ld)
+            b, lb = (b, lb) if self.transposed else (b[r0:r1], lb[r0:r1])
+        return lora.apply_lowrank(w, lora.vera_delta(a, b, lb, ld, self.transposed), self.weight, None)
+
+
+Update = LowRank | BiasDelta | Dora | RowReplace | ExpertDelta | Scale | Hadamard | Kron | SvdDelta | VeraDelta
 
 
 def block_align(updates) -> int:
