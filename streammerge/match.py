@@ -284,7 +284,9 @@ class _Matcher:
                 flips.setdefault(bool(ad.config.get("fan_in_fan_out")), []).append(mod)
             for tensor, upd in om.updates(base, self.shapes[base], conv, bias_of, ad.weights_file):
                 self.match.updates.setdefault(tensor, []).append(upd)
-            self.match.records.append(ModuleRecord(ad.path, mod, base, om.kind, 0, 0.0, 0.0, 1.0, km.describe(mod)))
+            r, alpha, scaling = getattr(om, "r", 0), getattr(om, "alpha", 0.0), getattr(om, "scaling", 0.0)
+            rec = ModuleRecord(ad.path, mod, base, om.kind, r, alpha, scaling, ad.weight, km.describe(mod))
+            self.match.records.append(rec)
         self.fan_in_fan_out_warnings(ad, flips)
 
     def check_parameters_present(self, ad: Adapter, km: KeyMap) -> None:

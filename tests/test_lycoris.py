@@ -62,3 +62,16 @@ def test_lycoris_refusals(tmp_path):
     (ad / "adapter_config.json").write_text(json.dumps({**cfg, "alpha": float("nan")}))
     with pytest.raises(AdapterError, match="'alpha' must be a positive finite number"):
         streammerge.merge(base, ad, tmp_path / "o2")
+
+
+def test_inspect_and_report_name_the_type_and_its_parameters(tmp_path):
+    from streammerge.cli.inspect import describe
+
+    model = build_model("llama", torch.float32)
+    base = save_base(model, tmp_path / "base")
+    ad = _adapter(model, tmp_path / "ad", "loha", r=4, alpha=8, target_modules=["q_proj"], rank_pattern={"q_proj": 2})
+    info = describe(str(ad))
+    assert info["peft_type"] == "LOHA"
+    assert {(m["kind"], m["r"], m["alpha"], m["scaling"]) for m in info["modules"]} == {("loha", 2, 8, 4.0)}
+    report = streammerge.merge(base, ad, tmp_path / "out", dry_run=True)
+    assert {(m["kind"], m["r"], m["scaling"]) for m in report.modules} == {("loha", 2, 4.0)}

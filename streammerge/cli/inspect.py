@@ -57,6 +57,7 @@ def _adapter(p: Path) -> dict:
     c = ad.config
     return {
         "kind": "adapter",
+        "peft_type": c.get("peft_type", "LORA"),
         "path": ad.path,
         "weights_file": ad.weights_file,
         "base_model_name_or_path": c.get("base_model_name_or_path"),
@@ -76,8 +77,15 @@ def _adapter(p: Path) -> dict:
         "modules": [
             {"module": m.module, "kind": m.kind, "r": m.r, "alpha": m.alpha, "scaling": m.scaling}
             for m in ad.modules.values()
-        ],
+        ]
+        + [_other(m) for m in ad.others.values()],
     }
+
+
+def _other(m) -> dict:
+    """A module of another adapter type: its kind and its scalar parameters (no tensors)."""
+    scalars = {k: v for k, v in vars(m).items() if isinstance(v, (bool, int, float, str)) and k != "origin"}
+    return {"module": m.module, "kind": m.kind, **scalars}
 
 
 def _mapping(adapter: str, base: str) -> list[dict]:
