@@ -352,7 +352,33 @@ class VeraDelta(_Update):
         return lora.apply_lowrank(w, lora.vera_delta(a, b, lb, ld, self.transposed), self.weight, None)
 
 
-Update = LowRank | BiasDelta | Dora | RowReplace | ExpertDelta | Scale | Hadamard | Kron | SvdDelta | VeraDelta
+@dataclass(frozen=True)
+class Sparse(_Update):
+    """SHiRA: ``W[i, j] += weight * value * scaling`` at the stored indices (PEFT adds a sparse COO tensor
+    to the dense weight: duplicates accumulate), in fp32, rounded once."""
+
+    indices: TensorRef
+    values: TensorRef
+    scaling: float
+    weight: float
+    origin: str
+    on_quantized = False  # not yet parity-tested on quantized bases: refused there
+
+    def refs(self):
+        return ((self.indices, "shira_indices", True), (self.values, "shira_weight", True))
+
+    def prepared(self, tensors: list, fold_scaling: bool):
+        idx, vals = tensors  # the indices were widened to float32 on loading: exact below 2^24
+        return self, [idx.long(), vals * self.scaling]
+
+    def apply(self, ws, tensors, w, shape, r0: int, r1: int, whole: bool, out_dtype):
+        idx, vals = tensors
+        sel = (idx[0] >= r0) & (idx[0] < r1)
+        vals = vals[sel] * self.weight if self.weight != 1.0 else vals[sel]
+        return w.index_put_((idx[0][sel] - r0, idx[1][sel]), vals, accumulate=True)
+
+
+Update = LowRank | BiasDelta | Dora | RowReplace | ExpertDelta | Scale | Hadamard | Kron | SvdDelta | VeraDelta | Sparse
 
 
 def block_align(updates) -> int:
