@@ -144,3 +144,16 @@ def vera_delta(a, b, lambda_b, lambda_d, transposed: bool) -> torch.Tensor:
     shared projections already sliced to the layer (rows of ``B``/``lambda_b`` are the delta's rows)."""
     d = (lambda_b.unsqueeze(-1) * b) @ (lambda_d.unsqueeze(-1) * a)
     return d.T if transposed else d
+
+
+def delora_scales(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, r: int) -> torch.Tensor:
+    """DeLoRA's ``diag(lambda / r / (||A_i|| * ||B^i||))`` (row norms of A, column norms of B, each at least
+    1e-4), as PEFT builds it: from the whole A and B."""
+    an = torch.clamp(a.norm(dim=1), min=1e-4)
+    bn = torch.clamp(b.norm(dim=0), min=1e-4)
+    return torch.diag_embed(lam / r / (an * bn))
+
+
+def delora_delta(a, b_rows, diag, w_norm) -> torch.Tensor:
+    """Rows of DeLoRA's ``(B @ diag @ A) * w_norm`` (``w_norm`` one factor per input column)."""
+    return (b_rows @ diag @ a) * w_norm.unsqueeze(0)

@@ -378,7 +378,54 @@ class Sparse(_Update):
         return w.index_put_((idx[0][sel] - r0, idx[1][sel]), vals, accumulate=True)
 
 
-Update = LowRank | BiasDelta | Dora | RowReplace | ExpertDelta | Scale | Hadamard | Kron | SvdDelta | VeraDelta | Sparse
+@dataclass(frozen=True)
+class Delora(_Update):
+    """DeLoRA: ``W += weight * round((B @ diag(lambda / r / (|A_i| |B^i|)) @ A) * w_norm)``: PEFT rounds the
+    delta to the weight's dtype before adding it (two roundings)."""
+
+    a: TensorRef
+    b: TensorRef
+    lam: TensorRef
+    w_norm: TensorRef
+    r: int
+    weight: float
+    origin: str
+    on_quantized = False  # not yet parity-tested on quantized bases: refused there
+
+    def refs(self):
+        return (
+            (self.a, "delora_A", True), (self.b, "delora_B", True),
+            (self.lam, "delora_lambda", True), (self.w_norm, "delora_w_norm", True),
+        )  # fmt: skip
+
+    def prepared(self, tensors: list, fold_scaling: bool):
+        from . import lora
+
+        a, b, lam, w_norm = tensors
+        return self, [a, b, lora.delora_scales(a, b, lam, self.r), w_norm]
+
+    def apply(self, ws, tensors, w, shape, r0: int, r1: int, whole: bool, out_dtype):
+        from . import lora
+
+        a, b, diag, w_norm = tensors
+        delta = lora.delora_delta(a, b if whole else b[r0:r1], diag, w_norm)
+        return lora.apply_lowrank(w, delta, self.weight, out_dtype)
+
+
+Update = (
+    LowRank
+    | BiasDelta
+    | Dora
+    | RowReplace
+    | ExpertDelta
+    | Scale
+    | Hadamard
+    | Kron
+    | SvdDelta
+    | VeraDelta
+    | Sparse
+    | Delora
+)
 
 
 def block_align(updates) -> int:

@@ -1,7 +1,6 @@
-"""Adapter types, one module each, keyed by ``adapter_config.json``'s ``peft_type`` (PEFT's names):
-``peft_lora`` (LORA: LoRA, rsLoRA, DoRA, embedding LoRA, trainable tokens, ``target_parameters``),
-``ia3`` (IA3), ``lycoris`` (LOHA, LOKR), ``adalora`` (ADALORA), ``ln_tuning`` (LN_TUNING), ``vera``
-(VERA) and ``shira`` (SHIRA). A type reads its config and its tensors' headers into an :class:`Adapter`,
+"""Adapter types, one module each, keyed by ``adapter_config.json``'s ``peft_type`` (PEFT's names; the
+table ``TYPES`` below): ``peft_lora`` (LORA: LoRA, rsLoRA, DoRA, embedding LoRA, trainable tokens,
+``target_parameters``) first. A type reads its config and its tensors' headers into an :class:`Adapter`,
 whose modules :mod:`streammerge.match` pairs with the base and turns into :mod:`streammerge.updates`.
 Adding a type is one module plus one entry in ``TYPES`` (docs/ARCHITECTURE.md)."""
 
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from ..errors import AdapterError
 from ..source import Reader, read_json
-from . import adalora, ia3, ln_tuning, lycoris, peft_lora, shira, vera
+from . import adalora, delora, ia3, ln_tuning, lycoris, peft_lora, shira, vera
 from .peft_lora import (
     CONFIG_NAME,
     PEFT_PREFIX,
@@ -26,7 +25,7 @@ from .peft_lora import (
 
 #: peft_type -> the module that loads such an adapter (``load_adapter(path, reader, weight)``)
 TYPES = {"LORA": peft_lora, "IA3": ia3, "LOHA": lycoris, "LOKR": lycoris, "ADALORA": adalora, "LN_TUNING": ln_tuning,
-         "VERA": vera, "SHIRA": shira}  # fmt: skip
+         "VERA": vera, "SHIRA": shira, "DELORA": delora}  # fmt: skip
 
 
 #: PEFT types that change no weight: there is no merged model to write
