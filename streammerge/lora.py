@@ -157,3 +157,25 @@ def delora_scales(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, r: int) -
 def delora_delta(a, b_rows, diag, w_norm) -> torch.Tensor:
     """Rows of DeLoRA's ``(B @ diag @ A) * w_norm`` (``w_norm`` one factor per input column)."""
     return (b_rows @ diag @ a) * w_norm.unsqueeze(0)
+
+
+def householder(u: torch.Tensor, gram_schmidt: bool) -> torch.Tensor:
+    """HRA's product of Householder reflections (PEFT's ``get_delta_weight``, operation for operation):
+    ``u`` [in, r]; with ``gram_schmidt`` its columns are orthonormalised first and the product is
+    ``I - 2 U U^T``, else ``prod_i (I - 2 u_i u_i^T)`` over the normalised columns, applied in order."""
+    n, rank = u.shape
+    if gram_schmidt:
+        cols = [(u[:, 0] / u[:, 0].norm()).view(-1, 1)]
+        for i in range(1, rank):
+            ui = u[:, i].view(-1, 1)
+            for j in range(i):
+                ui = ui - (cols[j].t() @ ui) * cols[j]
+            cols.append((ui / ui.norm()).view(-1, 1))
+        q = torch.cat(cols, dim=1)
+        return torch.eye(n, dtype=u.dtype) - 2 * q @ q.t()
+    u = u / u.norm(dim=0)
+    h = torch.eye(n, dtype=u.dtype)
+    for i in range(rank):
+        ui = u[:, i].view(-1, 1)
+        h = h - 2 * h @ ui @ ui.t()
+    return h

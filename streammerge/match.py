@@ -20,7 +20,7 @@ from .conversions import ConversionMap, fused_away, is_conv1d
 from .errors import AdapterError
 from .keymap import OUT_KEY, KeyMap, choose_keymap, find_input_embedding, is_tied, is_vocab, module_of
 from .source import TensorRef
-from .updates import BiasDelta, Dora, LowRank, RowReplace, Scale, Update
+from .updates import BiasDelta, Dora, LowRank, RowReplace, Update
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,11 @@ def match_adapters(shapes: dict[str, tuple[int, ...]], config: dict, adapters: l
                 f"{name!r}: a DoRA update cannot be combined with other LoRA updates on the same tensor",
                 hint="merge the DoRA adapter on its own, then merge the others onto its output",
             )
-        if any(isinstance(u, Scale) for u in ups) and len({u.origin for u in ups}) > 1:
+        if any(u.multiplicative for u in ups) and len({u.origin for u in ups}) > 1:
             raise AdapterError(
-                f"{name!r}: an IA3 vector scales the whole weight, so it cannot be combined with another "
-                "adapter's update on the same tensor (the order would change the result)",
-                hint="merge the IA3 adapter on its own, then merge the others onto its output",
+                f"{name!r}: an IA3 vector or an HRA rotation scales or rotates the whole weight, so it cannot be "
+                "combined with another adapter's update on the same tensor (the order would change the result)",
+                hint="merge that adapter on its own, then merge the others onto its output",
             )
     return m.match
 

@@ -23,6 +23,7 @@ class _Update:
     whole_tensor = False
     work_bytes = 0
     tileable = False  # plain LoRA rounded per tile into 16 bits (the executor's cache-sized fast path)
+    multiplicative = False  # it scales or rotates the weight: its order against other adapters matters
     on_quantized = True  # parity-tested against PEFT on quantized (bnb, FP8, MXFP4) bases
 
     @property
@@ -199,6 +200,7 @@ class Scale(_Update):
     vec: TensorRef
     rows: bool
     origin: str
+    multiplicative = True
 
     def refs(self):
         return ((self.vec, "ia3_l", False),)
@@ -412,6 +414,33 @@ class Delora(_Update):
         return lora.apply_lowrank(w, delta, self.weight, out_dtype)
 
 
+@dataclass(frozen=True)
+class Rotate(_Update):
+    """HRA: ``W = W @ H``, ``H`` [in, in] the product of the module's Householder reflections, built once
+    in fp32 (held while the tensor merges: ``in * in * 4`` bytes); row blocks of ``W``, rounded once."""
+
+    u: TensorRef
+    gram_schmidt: bool
+    origin: str
+    on_quantized = False  # not yet parity-tested on quantized bases: refused there
+    multiplicative = True
+
+    @property
+    def work_bytes(self) -> int:
+        return 4  # the rotated block beside the block
+
+    def refs(self):
+        return ((self.u, "hra_u", True),)
+
+    def prepared(self, tensors: list, fold_scaling: bool):
+        from . import lora
+
+        return self, [lora.householder(tensors[0], self.gram_schmidt)]
+
+    def apply(self, ws, tensors, w, shape, r0: int, r1: int, whole: bool, out_dtype):
+        return w @ tensors[0]
+
+
 Update = (
     LowRank
     | BiasDelta
@@ -425,6 +454,7 @@ Update = (
     | VeraDelta
     | Sparse
     | Delora
+    | Rotate
 )
 
 
