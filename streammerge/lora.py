@@ -179,3 +179,50 @@ def householder(u: torch.Tensor, gram_schmidt: bool) -> torch.Tensor:
         ui = u[:, i].view(-1, 1)
         h = h - 2 * h @ ui @ ui.t()
     return h
+
+
+def _skew(vec: torch.Tensor, b: int) -> torch.Tensor:
+    """Skew-symmetric [n, b, b] from the packed strict upper triangles ``vec`` [n, b (b - 1) / 2]."""
+    rows, cols = torch.triu_indices(b, b, 1)
+    m = torch.zeros(vec.shape[0], b, b, dtype=vec.dtype)
+    m[:, rows, cols] = vec
+    return m - m.transpose(-2, -1)
+
+
+def _coft_project(vec: torch.Tensor, b: int, eps: float) -> torch.Tensor:
+    """COFT's projection of each block into an eps-ball around 0 (eps scaled by 1 / sqrt(blocks))."""
+    q = _skew(vec, b)
+    eps = eps * 1 / torch.sqrt(torch.tensor(q.shape[0]))
+    zero = torch.zeros((q.size(1), q.size(1)), dtype=q.dtype).unsqueeze(0).expand_as(q)
+    diff = q - zero
+    norm = torch.norm(q - zero, dim=(1, 2), keepdim=True)
+    out = torch.where((norm <= eps).bool(), q, zero + eps * (diff / norm))
+    rows, cols = torch.triu_indices(b, b, 1)
+    return out[:, rows, cols]
+
+
+def oft_rotation(vec, b: int, blocks: int, neumann: bool, terms: int, coft: bool, eps: float) -> torch.Tensor:
+    """OFT's block-diagonal rotation [blocks * b, blocks * b], as PEFT builds it: the Cayley transform of
+    each skew block (a Neumann series of ``terms`` terms, or the exact solve), one block repeated when
+    ``vec`` holds one (``block_share``)."""
+    if coft:
+        vec = _coft_project(vec, b, eps)
+    q = _skew(vec, b)
+    n = vec.shape[0]
+    if neumann:
+        r = torch.eye(b, dtype=vec.dtype).repeat(n, 1, 1)
+        if terms > 1:
+            r.add_(q, alpha=2.0)
+            if terms > 2:
+                q2 = torch.bmm(q, q)
+                r.add_(q2, alpha=2.0)
+                power = q2
+                for _ in range(3, terms - 1):
+                    power = torch.bmm(power, q)
+                    r.add_(power, alpha=2.0)
+                power = torch.bmm(power, q)
+                r.add_(power)
+    else:
+        eye = torch.eye(b).unsqueeze(0).expand(n, b, b)
+        r = torch.linalg.solve(eye + q, eye - q, left=False)
+    return torch.block_diag(*[r[0 if n == 1 else i] for i in range(blocks)])

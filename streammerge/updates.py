@@ -441,6 +441,40 @@ class Rotate(_Update):
         return w @ tensors[0]
 
 
+@dataclass(frozen=True)
+class Orthogonal(_Update):
+    """OFT: ``W = (R @ W^T)^T`` with ``R`` [in, in] the block-diagonal rotation of the module, built once
+    in fp32; as PEFT, ``torch.mm(R, W[rows]^T)`` on row blocks of ``W`` (column blocks of ``W^T``: aligned
+    as a transposed delta's), rounded once."""
+
+    vec: TensorRef
+    block_size: int
+    blocks: int
+    neumann: bool
+    terms: int
+    coft: bool
+    eps: float
+    origin: str
+    on_quantized = False  # not yet parity-tested on quantized bases: refused there
+    multiplicative = True
+    row_align = COL_ALIGN
+    work_bytes = 4  # the rotated block beside the block
+
+    def refs(self):
+        return ((self.vec, "oft_R", True),)
+
+    def prepared(self, tensors: list, fold_scaling: bool):
+        from . import lora
+
+        args = (self.block_size, self.blocks, self.neumann, self.terms, self.coft, self.eps)
+        return self, [lora.oft_rotation(tensors[0], *args)]
+
+    def apply(self, ws, tensors, w, shape, r0: int, r1: int, whole: bool, out_dtype):
+        import torch
+
+        return torch.mm(tensors[0], w.t()).t()
+
+
 Update = (
     LowRank
     | BiasDelta
@@ -455,6 +489,7 @@ Update = (
     | Sparse
     | Delora
     | Rotate
+    | Orthogonal
 )
 
 
