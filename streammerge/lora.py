@@ -226,3 +226,13 @@ def oft_rotation(vec, b: int, blocks: int, neumann: bool, terms: int, coft: bool
         eye = torch.eye(b).unsqueeze(0).expand(n, b, b)
         r = torch.linalg.solve(eye + q, eye - q, left=False)
     return torch.block_diag(*[r[0 if n == 1 else i] for i in range(blocks)])
+
+
+def fourier_delta(spectrum: torch.Tensor, out_f: int, in_f: int, seed: int, scaling: float) -> torch.Tensor:
+    """FourierFT (PEFT's ``get_delta_weight``): the spectrum scattered at the frequencies PEFT draws with
+    ``torch.randperm`` from a generator seeded with ``seed``, ``Re(ifft2(.)) * scaling``, [out, in]."""
+    flat = torch.randperm(out_f * in_f, generator=torch.Generator().manual_seed(seed))[: spectrum.shape[0]]
+    idx = torch.stack([flat // in_f, flat % in_f], dim=0)
+    dense = torch.zeros(out_f, in_f)
+    dense[idx[0, :], idx[1, :]] = spectrum.float()
+    return torch.fft.ifft2(dense).real * scaling

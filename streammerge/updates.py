@@ -475,6 +475,37 @@ class Orthogonal(_Update):
         return torch.mm(tensors[0], w.t()).t()
 
 
+@dataclass(frozen=True)
+class Fourier(_Update):
+    """FourierFT: ``W += weight * transpose?(Re(ifft2(spectrum at seeded frequencies)) * scaling)``; the
+    transform needs the whole [out, in] delta, built once per module (held while its tensor merges), then
+    added by row blocks, rounded once."""
+
+    spectrum: TensorRef
+    out_f: int
+    in_f: int
+    seed: int
+    scaling: float
+    weight: float
+    transposed: bool
+    origin: str
+    on_quantized = False  # not yet parity-tested on quantized bases: refused there
+
+    def refs(self):
+        return ((self.spectrum, "fourierft_spectrum", True),)
+
+    def prepared(self, tensors: list, fold_scaling: bool):
+        from . import lora
+
+        delta = lora.fourier_delta(tensors[0], self.out_f, self.in_f, self.seed, self.scaling)
+        return self, [delta.T.contiguous() if self.transposed else delta]
+
+    def apply(self, ws, tensors, w, shape, r0: int, r1: int, whole: bool, out_dtype):
+        from . import lora
+
+        return lora.apply_lowrank(w, tensors[0] if whole else tensors[0][r0:r1], self.weight, None)
+
+
 Update = (
     LowRank
     | BiasDelta
@@ -490,6 +521,7 @@ Update = (
     | Delora
     | Rotate
     | Orthogonal
+    | Fourier
 )
 
 
