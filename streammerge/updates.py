@@ -506,6 +506,36 @@ class Fourier(_Update):
         return lora.apply_lowrank(w, tensors[0] if whole else tensors[0][r0:r1], self.weight, None)
 
 
+@dataclass(frozen=True)
+class Tiled(_Update):
+    """MiSS (its default and ``mini`` forms): ``W[o, c] += block[c % r, o]``, the block [r, out] (``mini``:
+    [r, mini_r] repeated along the outputs) tiled across the input columns, in fp32, rounded once."""
+
+    block: TensorRef
+    out_f: int
+    mini_r: int | None
+    weight: float
+    origin: str
+    on_quantized = False  # not yet parity-tested on quantized bases: refused there
+
+    def refs(self):
+        return ((self.block, "miss_block", True),)
+
+    def prepared(self, tensors: list, fold_scaling: bool):
+        b = tensors[0]
+        if self.mini_r is not None:
+            b = b.repeat(1, self.out_f // self.mini_r)
+        return self, [b.t().contiguous()]  # [out, r]: row o holds output o's pattern
+
+    def apply(self, ws, tensors, w, shape, r0: int, r1: int, whole: bool, out_dtype):
+        from . import lora
+
+        bt = tensors[0] if whole else tensors[0][r0:r1]
+        r = bt.shape[1]
+        reps = -(-shape[1] // r)
+        return lora.apply_lowrank(w, bt.repeat(1, reps)[:, : shape[1]], self.weight, None)
+
+
 Update = (
     LowRank
     | BiasDelta
@@ -522,6 +552,7 @@ Update = (
     | Rotate
     | Orthogonal
     | Fourier
+    | Tiled
 )
 
 
