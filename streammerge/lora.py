@@ -236,3 +236,12 @@ def fourier_delta(spectrum: torch.Tensor, out_f: int, in_f: int, seed: int, scal
     dense = torch.zeros(out_f, in_f)
     dense[idx[0, :], idx[1, :]] = spectrum.float()
     return torch.fft.ifft2(dense).real * scaling
+
+
+def circulant(kernel: torch.Tensor) -> torch.Tensor:
+    """C3A's block-circulant matrix [out, in] of ``kernel`` [m, n, b] (PEFT's ``get_circulant_fast``, the
+    same FFTs in the same order)."""
+    _, n, b = kernel.shape
+    x = torch.eye(n * b, dtype=kernel.dtype).reshape(n * b, n, b)
+    x = torch.einsum("...nb,mnb->...mb", torch.fft.ifft(x), torch.fft.fft(kernel))
+    return torch.fft.fft(x).real.flatten(start_dim=1).T

@@ -536,6 +536,34 @@ class Tiled(_Update):
         return lora.apply_lowrank(w, bt.repeat(1, reps)[:, : shape[1]], self.weight, None)
 
 
+@dataclass(frozen=True)
+class Circulant(_Update):
+    """C3A: ``W += weight * (round(circulant(kernel)) / in)``, rounded to the weight's dtype after the
+    transform and again after the division, as PEFT computes it; the transform builds the module's whole
+    [out, in] matrix once (held while its tensor merges), added by row blocks."""
+
+    kernel: TensorRef
+    in_f: int
+    weight: float
+    origin: str
+    on_quantized = False  # not yet parity-tested on quantized bases: refused there
+
+    def refs(self):
+        return ((self.kernel, "c3a_kernel", True),)
+
+    def prepared(self, tensors: list, fold_scaling: bool):
+        from . import lora
+
+        return self, [lora.circulant(tensors[0])]
+
+    def apply(self, ws, tensors, w, shape, r0: int, r1: int, whole: bool, out_dtype):
+        from . import lora
+
+        d = (tensors[0] if whole else tensors[0][r0:r1]).to(out_dtype)
+        d = (d / self.in_f).float()
+        return lora.apply_lowrank(w, d, self.weight, None)
+
+
 Update = (
     LowRank
     | BiasDelta
@@ -553,6 +581,7 @@ Update = (
     | Orthogonal
     | Fourier
     | Tiled
+    | Circulant
 )
 
 
