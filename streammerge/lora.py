@@ -245,3 +245,14 @@ def circulant(kernel: torch.Tensor) -> torch.Tensor:
     x = torch.eye(n * b, dtype=kernel.dtype).reshape(n * b, n, b)
     x = torch.einsum("...nb,mnb->...mb", torch.fft.ifft(x), torch.fft.fft(kernel))
     return torch.fft.fft(x).real.flatten(start_dim=1).T
+
+
+def randlora_factors(a, b, lam, gamma, out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RandLoRA's two factors ``(left, right)`` with ``delta = (left @ right).T * scaling``, as PEFT's
+    ``get_scaled_bases`` slices, scales and orders the shared bases ``a`` [r, bases, min] and ``b``
+    [max, bases, r] (the trainable scales act on the smaller side)."""
+    nb, lo, hi = lam.shape[1], min(out_f, in_f), max(out_f, in_f)
+    update_b = b[:hi, :nb, :].flatten(start_dim=1)
+    update_a = (lam[:, :, None] * a[:, :nb, :lo] * gamma[None,]).flatten(end_dim=1)
+    first, second = (update_a, update_b) if lo == in_f else (update_b.T, update_a.T)
+    return first.T, second.T

@@ -564,6 +564,54 @@ class Circulant(_Update):
         return lora.apply_lowrank(w, d, self.weight, None)
 
 
+@dataclass(frozen=True)
+class RandLora(_Update):
+    """RandLoRA: ``W += weight * transpose?((left @ right).T) * scaling``, the factors built from the
+    model's shared random bases and the module's scales (``lora.randlora_factors``); the delta's rows are
+    columns of ``left @ right``, so blocks are aligned as a transposed delta's; in fp32, the delta rounded to
+    the weight's dtype before the add, as PEFT's merge does."""
+
+    a: TensorRef
+    b: TensorRef
+    lam: TensorRef
+    gamma: TensorRef
+    out_f: int
+    in_f: int
+    scaling: float
+    weight: float
+    transposed: bool
+    origin: str
+    on_quantized = False  # not yet parity-tested on quantized bases: refused there
+
+    @property
+    def row_align(self) -> int:
+        return ROW_ALIGN if self.transposed else COL_ALIGN
+
+    def refs(self):
+        return (
+            (self.a, "randlora_A", True), (self.b, "randlora_B", True),
+            (self.lam, "randlora_lambda", True), (self.gamma, "randlora_gamma", True),
+        )  # fmt: skip
+
+    def prepared(self, tensors: list, fold_scaling: bool):
+        from . import lora
+
+        return self, list(lora.randlora_factors(*tensors, self.out_f, self.in_f))
+
+    def apply(self, ws, tensors, w, shape, r0: int, r1: int, whole: bool, out_dtype):
+        from . import lora
+
+        left, right = tensors
+        if whole:
+            update = (left @ right).T
+            delta = update.T if self.transposed else update
+        elif self.transposed:  # rows of delta = rows of (left @ right)
+            delta = left[r0:r1] @ right
+        else:
+            delta = (left @ right[:, r0:r1].contiguous()).T
+        return lora.apply_lowrank(w, delta * self.scaling, self.weight, out_dtype)  # PEFT rounds the delta first
+
+
 Update = (
     LowRank
     | BiasDelta
@@ -582,6 +630,7 @@ Update = (
     | Fourier
     | Tiled
     | Circulant
+    | RandLora
 )
 
 

@@ -1,0 +1,55 @@
+"""RandLoRA adapters (issue 25): saved by PEFT itself (``RandLoraConfig`` with its shared bases, random
+scales), merged equal to PEFT's ``merge_and_unload()`` bit for bit with PEFT's merged logits, on
+Llama (fp32, bf16 whole and in row blocks) and GPT-2 (``Conv1D``); ``save_projection: false`` refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import build_model, merge_and_compare, save_base
+
+import streammerge
+from streammerge.errors import AdapterError
+
+
+def _randlora(model, path, **kw):
+    from peft import RandLoraConfig, get_peft_model
+
+    torch.manual_seed(13)
+    pm = get_peft_model(model, RandLoraConfig(**kw))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(path)
+    pm.unload()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("arch", "dtype", "targets", "memory"),
+    [
+        ("llama", torch.float32, ["q_proj", "v_proj", "down_proj"], "1GiB"),
+        ("llama", torch.bfloat16, ["q_proj", "up_proj", "down_proj"], "1GiB"),
+        ("llama", torch.bfloat16, ["k_proj", "gate_proj"], 1),
+        ("gpt2", torch.float32, ["c_attn", "c_fc"], 1),
+    ],
+)
+def test_randlora_equals_peft(tmp_path, arch, dtype, targets, memory):
+    model = build_model(arch, dtype)
+    base = save_base(model, tmp_path / "base")
+    ad = _randlora(model, tmp_path / "ad", r=8, randlora_alpha=16, target_modules=targets)
+    report, _, _ = merge_and_compare(tmp_path, base, ad, dtype, max_memory=memory)
+    assert {m["kind"] for m in report.modules} == {"randlora"}
+
+
+def test_randlora_without_its_bases_is_refused(tmp_path):
+    model = build_model("llama", torch.float32)
+    base = save_base(model, tmp_path / "base")
+    ad = _randlora(model, tmp_path / "ad", r=8, target_modules=["q_proj"])
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "save_projection": False}))
+    with pytest.raises(AdapterError, match="save_projection is false"):
+        streammerge.merge(base, ad, tmp_path / "out")
