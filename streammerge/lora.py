@@ -256,3 +256,17 @@ def randlora_factors(a, b, lam, gamma, out_f: int, in_f: int) -> tuple[torch.Ten
     update_a = (lam[:, :, None] * a[:, :nb, :lo] * gamma[None,]).flatten(end_dim=1)
     first, second = (update_a, update_b) if lo == in_f else (update_b.T, update_a.T)
     return first.T, second.T
+
+
+def vector_bank_mix(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
+    """VB-LoRA's mixture (PEFT's ``_get_low_rank_matrix``): per row of ``logits`` the softmax of its top-k
+    logits weighs the chosen vectors of ``bank``."""
+    top, indices = logits.topk(topk, dim=-1)
+    return (torch.nn.functional.softmax(top, dim=-1).unsqueeze(-1) * bank[indices]).sum(-2)
+
+
+def vblora_factors(logits_a, logits_b, bank, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """VB-LoRA's ``A`` [r, in] and ``B`` [out, r] from the module's logits and the shared vector bank."""
+    a = vector_bank_mix(logits_a, bank, topk).reshape(logits_a.shape[0], -1)
+    b = vector_bank_mix(logits_b, bank, topk).transpose(1, 2).reshape(-1, logits_b.shape[1])
+    return a, b

@@ -612,6 +612,45 @@ class RandLora(_Update):
         return lora.apply_lowrank(w, delta * self.scaling, self.weight, out_dtype)  # PEFT rounds the delta first
 
 
+@dataclass(frozen=True)
+class VectorBank(_Update):
+    """VB-LoRA: ``W += weight * transpose?(B @ A)``, ``A`` and ``B`` mixtures of the model's shared vector
+    bank chosen by the module's top-k logits, built once (as PEFT's ``_get_lora_matrices``); row blocks
+    (column blocks when transposed), in fp32, rounded once."""
+
+    logits_a: TensorRef
+    logits_b: TensorRef
+    bank: TensorRef
+    topk: int
+    weight: float
+    transposed: bool
+    origin: str
+    on_quantized = False  # not yet parity-tested on quantized bases: refused there
+
+    @property
+    def row_align(self) -> int:
+        return COL_ALIGN if self.transposed else ROW_ALIGN
+
+    def refs(self):
+        return (
+            (self.logits_a, "vblora_logits_A", True), (self.logits_b, "vblora_logits_B", True),
+            (self.bank, "vblora_vector_bank", True),
+        )  # fmt: skip
+
+    def prepared(self, tensors: list, fold_scaling: bool):
+        from . import lora
+
+        return self, list(lora.vblora_factors(*tensors, self.topk))
+
+    def apply(self, ws, tensors, w, shape, r0: int, r1: int, whole: bool, out_dtype):
+        from . import lora
+
+        a, b = tensors
+        if not whole:
+            a, b = (a[:, r0:r1].contiguous(), b) if self.transposed else (a, b[r0:r1])
+        return lora.apply_lowrank(w, lora.lowrank_delta(a, b, 1.0, self.transposed), self.weight, None)
+
+
 Update = (
     LowRank
     | BiasDelta
@@ -631,6 +670,7 @@ Update = (
     | Tiled
     | Circulant
     | RandLora
+    | VectorBank
 )
 
 

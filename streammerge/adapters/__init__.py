@@ -10,7 +10,23 @@ from pathlib import Path
 
 from ..errors import AdapterError
 from ..source import Reader, read_json
-from . import adalora, c3a, delora, fourierft, hra, ia3, ln_tuning, lycoris, miss, oft, peft_lora, randlora, shira, vera
+from . import (
+    adalora,
+    c3a,
+    delora,
+    fourierft,
+    hra,
+    ia3,
+    ln_tuning,
+    lycoris,
+    miss,
+    oft,
+    peft_lora,
+    randlora,
+    shira,
+    vblora,
+    vera,
+)
 from .peft_lora import (
     CONFIG_NAME,
     PEFT_PREFIX,
@@ -27,7 +43,7 @@ from .peft_lora import (
 TYPES = {"LORA": peft_lora, "IA3": ia3, "LOHA": lycoris, "LOKR": lycoris, "ADALORA": adalora, "LN_TUNING": ln_tuning,
          "VERA": vera, "SHIRA": shira, "DELORA": delora, "HRA": hra,
          "OFT": oft, "FOURIERFT": fourierft, "MISS": miss,
-         "C3A": c3a, "RANDLORA": randlora}  # fmt: skip
+         "C3A": c3a, "RANDLORA": randlora, "VBLORA": vblora}  # fmt: skip
 
 
 #: PEFT types that change no weight: there is no merged model to write
