@@ -173,7 +173,7 @@ def test_merge_overflow_is_caught(pair_copy, tmp_path):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"peft_type": "OFT"}, "adapter type 'OFT' is not supported"),
+        ({"peft_type": "BOFT"}, "adapter type 'BOFT' is not supported"),
         ({"peft_type": "LOHA"}, "peft_type is LOHA but"),
         ({"peft_type": "IA3"}, "peft_type is IA3 but"),
         ({"init_lora_weights": "pissa_niter_4"}, "rewrites the base weights"),

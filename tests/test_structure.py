@@ -127,7 +127,7 @@ def test_no_string_test_of_the_save_method_outside_the_registry():
 #: the package's layers, in the direction data flows (a module imports only from its own layer or above it)
 LAYERS = [
     ["version", "errors", "outputs"],
-    ["header", "source", "archive", "conversions", "keymap", "lora", "updates", "options"],
+    ["header", "source", "archive", "conversions", "keymap", "lora", "updates", "tuner_updates", "options"],
     ["formats", "adapters"],
     ["experts", "match"],
     ["plan", "report"],

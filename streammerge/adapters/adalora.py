@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import AdapterError
 from ..source import Reader, TensorRef, read_json
-from ..updates import SvdDelta
+from ..tuner_updates import SvdDelta
 from .lora_config import CONFIG_NAME
 from .peft_lora import Adapter, load_weights, normalize, resolve_saved_layer, saved_layer
 

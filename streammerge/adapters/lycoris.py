@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import AdapterError
 from ..source import Reader, TensorRef, read_json
-from ..updates import Hadamard, Kron
+from ..tuner_updates import Hadamard, Kron
 from .lora_config import CONFIG_NAME, check_numbers
 from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import AdapterError
 from ..source import Reader, TensorRef, read_json
-from ..updates import Tiled
+from ..tuner_updates import Tiled
 from .lora_config import CONFIG_NAME
 from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
 
