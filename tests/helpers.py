@@ -187,3 +187,19 @@ def merge_and_compare(tmp_path: Path, base: Path, adapter: Path, dtype, *, unmer
     tol = unmerged_tol if unmerged_tol is not None else LOGIT_TOL[dtype]
     assert (got - unmerged).abs().max().item() <= tol, (got - unmerged).abs().max().item()
     return report, out, merged
+
+
+def build_tuner_adapter(model, path: Path, config, seed: int, scale: float) -> Path:
+    """An adapter of any PEFT tuner type, saved by PEFT itself, its trainable tensors perturbed by
+    ``scale`` times a normal draw (so it is no identity)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(model, config)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * scale)
+    pm.save_pretrained(path)
+    pm.unload()
+    return path

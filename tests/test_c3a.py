@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build_model, merge_and_compare, save_base
+from helpers import build_model, build_tuner_adapter, merge_and_compare, save_base
 
 
 def _c3a(model, path, **kw):
-    from peft import C3AConfig, get_peft_model
+    from peft import C3AConfig
 
-    torch.manual_seed(41)
-    pm = get_peft_model(model, C3AConfig(**kw))
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.5)
-    pm.save_pretrained(path)
-    pm.unload()
-    return path
+    return build_tuner_adapter(model, path, C3AConfig(**kw), seed=41, scale=0.5)
 
 
 @pytest.mark.parametrize(

@@ -6,21 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build_model, merge_and_compare, save_base
+from helpers import build_model, build_tuner_adapter, merge_and_compare, save_base
 
 
 def _fourier(model, path, **kw):
-    from peft import FourierFTConfig, get_peft_model
+    from peft import FourierFTConfig
 
-    torch.manual_seed(31)
-    pm = get_peft_model(model, FourierFTConfig(**kw))
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.01)
-    pm.save_pretrained(path)
-    pm.unload()
-    return path
+    return build_tuner_adapter(model, path, FourierFTConfig(**kw), seed=31, scale=0.01)
 
 
 @pytest.mark.parametrize(

@@ -6,24 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build_adapter, build_model, merge_and_compare, save_base
+from helpers import build_adapter, build_model, build_tuner_adapter, merge_and_compare, save_base
 
 import streammerge
 from streammerge.errors import AdapterError
 
 
 def _hra(model, path, **kw):
-    from peft import HRAConfig, get_peft_model
+    from peft import HRAConfig
 
-    torch.manual_seed(23)
-    pm = get_peft_model(model, HRAConfig(**kw))
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    pm.save_pretrained(path)
-    pm.unload()
-    return path
+    return build_tuner_adapter(model, path, HRAConfig(**kw), seed=23, scale=0.1)
 
 
 @pytest.mark.parametrize(

@@ -9,25 +9,17 @@ import json
 
 import pytest
 import torch
-from helpers import build_model, merge_and_compare, read_dir, save_base
+from helpers import build_model, build_tuner_adapter, merge_and_compare, read_dir, save_base
 
 import streammerge
 from streammerge.errors import AdapterError
 
 
 def _ia3(model, path, **kw):
-    from peft import IA3Config, get_peft_model
+    from peft import IA3Config
 
-    torch.manual_seed(5)
     kw.setdefault("init_ia3_weights", False)  # random vectors, not ones
-    pm = get_peft_model(model, IA3Config(**kw))
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    pm.save_pretrained(path)
-    pm.unload()
-    return path
+    return build_tuner_adapter(model, path, IA3Config(**kw), seed=5, scale=0.1)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build_model, merge_and_compare, save_base
+from helpers import build_model, build_tuner_adapter, merge_and_compare, save_base
 from safetensors.torch import load_file, save_file
 
 import streammerge
@@ -14,17 +14,9 @@ from streammerge.errors import AdapterError
 
 
 def _ln(model, path, targets):
-    from peft import LNTuningConfig, get_peft_model
+    from peft import LNTuningConfig
 
-    torch.manual_seed(3)
-    pm = get_peft_model(model, LNTuningConfig(target_modules=targets))
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    pm.save_pretrained(path)
-    pm.unload()
-    return path
+    return build_tuner_adapter(model, path, LNTuningConfig(target_modules=targets), seed=3, scale=0.1)
 
 
 @pytest.mark.parametrize(

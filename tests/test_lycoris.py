@@ -7,25 +7,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build_model, merge_and_compare, save_base
+from helpers import build_model, build_tuner_adapter, merge_and_compare, save_base
 
 import streammerge
 from streammerge.errors import AdapterError
 
 
 def _adapter(model, path, kind: str, **kw):
-    from peft import LoHaConfig, LoKrConfig, get_peft_model
+    from peft import LoHaConfig, LoKrConfig
 
-    torch.manual_seed(7)
     cfg = (LoHaConfig if kind == "loha" else LoKrConfig)(init_weights=False, **kw)
-    pm = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    pm.save_pretrained(path)
-    pm.unload()
-    return path
+    return build_tuner_adapter(model, path, cfg, seed=7, scale=0.05)
 
 
 CASES = [

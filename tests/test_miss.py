@@ -6,24 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build_model, merge_and_compare, save_base
+from helpers import build_model, build_tuner_adapter, merge_and_compare, save_base
 
 import streammerge
 from streammerge.errors import AdapterError
 
 
 def _miss(model, path, **kw):
-    from peft import MissConfig, get_peft_model
+    from peft import MissConfig
 
-    torch.manual_seed(37)
-    pm = get_peft_model(model, MissConfig(**kw))
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    pm.save_pretrained(path)
-    pm.unload()
-    return path
+    return build_tuner_adapter(model, path, MissConfig(**kw), seed=37, scale=0.05)
 
 
 @pytest.mark.parametrize(

@@ -6,21 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build_model, merge_and_compare, save_base
+from helpers import build_model, build_tuner_adapter, merge_and_compare, save_base
 
 
 def _oft(model, path, **kw):
-    from peft import OFTConfig, get_peft_model
+    from peft import OFTConfig
 
-    torch.manual_seed(29)
-    pm = get_peft_model(model, OFTConfig(**kw))
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    pm.save_pretrained(path)
-    pm.unload()
-    return path
+    return build_tuner_adapter(model, path, OFTConfig(**kw), seed=29, scale=0.05)
 
 
 @pytest.mark.parametrize(

@@ -8,24 +8,16 @@ import json
 
 import pytest
 import torch
-from helpers import build_model, merge_and_compare, save_base
+from helpers import build_model, build_tuner_adapter, merge_and_compare, save_base
 
 import streammerge
 from streammerge.errors import AdapterError
 
 
 def _randlora(model, path, **kw):
-    from peft import RandLoraConfig, get_peft_model
+    from peft import RandLoraConfig
 
-    torch.manual_seed(13)
-    pm = get_peft_model(model, RandLoraConfig(**kw))
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    pm.save_pretrained(path)
-    pm.unload()
-    return path
+    return build_tuner_adapter(model, path, RandLoraConfig(**kw), seed=13, scale=0.1)
 
 
 @pytest.mark.parametrize(

@@ -6,21 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build_model, merge_and_compare, save_base
+from helpers import build_model, build_tuner_adapter, merge_and_compare, save_base
 
 
 def _shira(model, path, **kw):
-    from peft import ShiraConfig, get_peft_model
+    from peft import ShiraConfig
 
-    torch.manual_seed(17)
-    pm = get_peft_model(model, ShiraConfig(**kw))
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    pm.save_pretrained(path)
-    pm.unload()
-    return path
+    return build_tuner_adapter(model, path, ShiraConfig(**kw), seed=17, scale=0.1)
 
 
 @pytest.mark.parametrize(

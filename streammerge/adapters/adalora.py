@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..source import Reader, TensorRef, read_json
+from ..source import Reader, TensorRef
 from ..tuner_updates import SvdDelta
 from .lora_config import CONFIG_NAME
-from .peft_lora import Adapter, load_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter
+from .typed import floating, index, read_config, require
 
 _KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_E)(?:\.(?!weight$)[^.]+)?(?:\.weight)?$")
 
@@ -77,30 +78,14 @@ def _masks(cfg: dict, where: Path) -> dict[str, int]:
 def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index an AdaLoRA adapter directory: its factors per module and its saved full layers."""
     where = adir / CONFIG_NAME
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise AdapterError(f"{adir}: adapter weight {weight!r} is not a finite number")
-    cfg = read_json(where, CONFIG_NAME, AdapterError)
+    cfg = read_config(adir, weight)
     init_r = _number(cfg, "init_r", where, 1)
     alpha = _number(cfg, "lora_alpha", where, 0)
     for key in ("use_dora", "use_rslora"):
         if cfg.get(key):
             raise AdapterError(f"{where}: {key} is set, which AdaLoRA does not have (PEFT refuses it too)")
     kept = _masks(cfg, where)
-    wfile, refs = load_weights(adir, reader)
-    if not refs:
-        raise AdapterError(f"{wfile}: holds no tensors")
-    ad = Adapter(str(adir), wfile, weight, cfg, tensors=refs)
-    groups: dict[str, dict[str, TensorRef]] = {}
-    spellings: dict[str, dict[str, list[TensorRef]]] = {}
-    for name, ref in refs.items():
-        m = _KEY.match(normalize(name))
-        if m is None:
-            kind, target = saved_layer(normalize(name))
-            spellings.setdefault(target, {}).setdefault(kind, []).append(ref)
-        else:
-            groups.setdefault(m["module"], {})[m["part"]] = ref
-    for target, kinds in spellings.items():
-        resolve_saved_layer(ad, target, kinds)
+    ad, groups = index(adir, reader, cfg, weight, "ADALORA", _KEY, lora_keys=True)
     for module, parts in groups.items():
         ad.others[module] = _module(ad, module, parts, init_r, alpha, kept.get(module))
     return ad
@@ -108,10 +93,7 @@ def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
 
 def _module(ad: Adapter, module: str, parts: dict, init_r: float, alpha: float, kept: int | None) -> SvdModule:
     wfile = ad.weights_file
-    missing = [k for k in ("lora_A", "lora_B", "lora_E") if k not in parts]
-    if missing:
-        raise AdapterError(f"{wfile}: module {module!r} lacks {', '.join(missing)}", hint="the file is incomplete")
-    a, b, e = parts["lora_A"], parts["lora_B"], parts["lora_E"]
+    a, b, e = require(ad, module, parts, ("lora_A", "lora_B", "lora_E"))
     r = a.shape[0] if len(a.shape) == 2 else -1
     fits = len(b.shape) == 2 and b.shape[1] == r and tuple(e.shape) == (r, 1)
     if not fits or r != (init_r if kept is None else kept):
@@ -121,8 +103,6 @@ def _module(ad: Adapter, module: str, parts: dict, init_r: float, alpha: float, 
             f"{list(e.shape)} do not have {want} (lora_A [r, in], lora_B [out, r], lora_E [r, 1])",
             hint="the config does not belong to these weights",
         )
-    for t in (a, b, e):
-        if t.dtype not in ("F16", "BF16", "F32", "F64"):
-            raise AdapterError(f"{wfile}: {t.name} has dtype {t.dtype}; AdaLoRA tensors must be floating point")
+    floating(ad, a, b, e)
     scaling = alpha if alpha > 0 else float(r if kept is not None else init_r)
     return SvdModule(module, a, b, e, scaling, float(init_r), ad.weight, kept is not None, ad.path)

@@ -4,18 +4,17 @@ in fp32 and rounded to the weight's dtype before and after the division."""
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..source import Reader, TensorRef, read_json
+from ..source import Reader, TensorRef
 from ..tuner_updates import Circulant
-from .lora_config import CONFIG_NAME
-from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter
+from .typed import floating, index, read_config
 
-_KEY = re.compile(r"^(?P<module>.+?)\.c3a_kernel(?:\.[^.]+)?$")
+_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>c3a_kernel)(?:\.[^.]+)?$")
 
 
 @dataclass(frozen=True)
@@ -44,22 +43,9 @@ class C3aModule:
 
 def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index a C3A adapter directory: the kernels per module and the saved full layers."""
-    where = adir / CONFIG_NAME
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise AdapterError(f"{adir}: adapter weight {weight!r} is not a finite number")
-    cfg = read_json(where, CONFIG_NAME, AdapterError)
-    wfile, refs = load_typed_weights(adir, reader, "C3A")
-    ad = Adapter(str(adir), wfile, weight, cfg, tensors=refs)
-    spellings: dict[str, dict[str, list[TensorRef]]] = {}
-    for name, ref in refs.items():
-        m = _KEY.match(normalize(name))
-        if m is None:
-            kind, target = saved_layer(normalize(name))
-            spellings.setdefault(target, {}).setdefault(kind, []).append(ref)
-        elif ref.dtype not in ("F16", "BF16", "F32", "F64"):
-            raise AdapterError(f"{wfile}: {ref.name} has dtype {ref.dtype}; c3a_kernel is floating point")
-        else:
-            ad.others[m["module"]] = C3aModule(m["module"], ref, weight, ad.path)
-    for target, kinds in spellings.items():
-        resolve_saved_layer(ad, target, kinds)
+    cfg = read_config(adir, weight)
+    ad, groups = index(adir, reader, cfg, weight, "C3A", _KEY)
+    for module, parts in groups.items():
+        floating(ad, parts["c3a_kernel"])
+        ad.others[module] = C3aModule(module, parts["c3a_kernel"], weight, ad.path)
     return ad

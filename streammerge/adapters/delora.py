@@ -5,16 +5,16 @@ w_norm``, rounded to the weight's dtype first, on ``nn.Linear`` layers."""
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..source import Reader, TensorRef, read_json
+from ..source import Reader, TensorRef
 from ..tuner_updates import Delora
 from .lora_config import CONFIG_NAME
-from .peft_lora import Adapter, _pattern_value, load_typed_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter, _pattern_value
+from .typed import index, read_config, require
 
 PARTS = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
 _KEY = re.compile(rf"^(?P<module>.+?)\.(?P<part>{'|'.join(PARTS)})(?:\.[^.]+)?$")
@@ -52,34 +52,16 @@ class DeloraModule:
 
 def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index a DeLoRA adapter directory: its tensors per module and the saved full layers."""
-    where = adir / CONFIG_NAME
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise AdapterError(f"{adir}: adapter weight {weight!r} is not a finite number")
-    cfg = read_json(where, CONFIG_NAME, AdapterError)
+    cfg = read_config(adir, weight)
     r0 = cfg.get("r")
     if isinstance(r0, bool) or not isinstance(r0, int) or r0 <= 0:
-        raise AdapterError(f"{where}: 'r' must be a positive integer, found {r0!r}")
-    wfile, refs = load_typed_weights(adir, reader, "DELORA")
-    ad = Adapter(str(adir), wfile, weight, cfg, tensors=refs)
-    groups: dict[str, dict[str, TensorRef]] = {}
-    spellings: dict[str, dict[str, list[TensorRef]]] = {}
-    for name, ref in refs.items():
-        m = _KEY.match(normalize(name))
-        if m is None:
-            kind, target = saved_layer(normalize(name))
-            spellings.setdefault(target, {}).setdefault(kind, []).append(ref)
-        else:
-            groups.setdefault(m["module"], {})[m["part"]] = ref
-    for target, kinds in spellings.items():
-        resolve_saved_layer(ad, target, kinds)
+        raise AdapterError(f"{adir / CONFIG_NAME}: 'r' must be a positive integer, found {r0!r}")
+    ad, groups = index(adir, reader, cfg, weight, "DELORA", _KEY)
     for module, parts in groups.items():
-        missing = [p for p in PARTS if p not in parts]
-        if missing:
-            raise AdapterError(f"{wfile}: module {module!r} lacks {', '.join(missing)}", hint="the file is incomplete")
-        r = parts["delora_A"].shape[0] if len(parts["delora_A"].shape) == 2 else -1
+        a, b, lam, w_norm = require(ad, module, parts, PARTS)
+        r = a.shape[0] if len(a.shape) == 2 else -1
         want = int(_pattern_value(cfg.get("rank_pattern") or {}, module, r0))
         if r != want:
-            raise AdapterError(f"{wfile}: module {module!r}: delora_A has rank {r}, the config says {want}")
-        a, b, lam, w_norm = (parts[p] for p in PARTS)
+            raise AdapterError(f"{ad.weights_file}: module {module!r}: delora_A has rank {r}, the config says {want}")
         ad.others[module] = DeloraModule(module, a, b, lam, w_norm, r, weight, ad.path)
     return ad

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..source import Reader, TensorRef, read_json
+from ..source import Reader, TensorRef
 from ..tuner_updates import Fourier
 from .lora_config import CONFIG_NAME
-from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter
+from .typed import index, read_config
 
-_KEY = re.compile(r"^(?P<module>.+?)\.fourierft_spectrum(?:\.[^.]+)?$")
+_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>fourierft_spectrum)(?:\.[^.]+)?$")
 
 
 @dataclass(frozen=True)
@@ -53,31 +54,20 @@ def _n_frequency(cfg: dict, module: str) -> int:
 def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index a FourierFT adapter directory: the spectra per module and the saved full layers."""
     where = adir / CONFIG_NAME
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise AdapterError(f"{adir}: adapter weight {weight!r} is not a finite number")
-    cfg = read_json(where, CONFIG_NAME, AdapterError)
+    cfg = read_config(adir, weight)
     seed, scaling = cfg.get("random_loc_seed", 777), cfg.get("scaling", 150.0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise AdapterError(f"{where}: 'random_loc_seed' must be an integer, found {seed!r}")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise AdapterError(f"{where}: 'scaling' must be a finite number, found {scaling!r}")
-    wfile, refs = load_typed_weights(adir, reader, "FOURIERFT")
-    ad = Adapter(str(adir), wfile, weight, cfg, tensors=refs)
-    spellings: dict[str, dict[str, list[TensorRef]]] = {}
-    for name, ref in refs.items():
-        m = _KEY.match(normalize(name))
-        if m is None:
-            kind, target = saved_layer(normalize(name))
-            spellings.setdefault(target, {}).setdefault(kind, []).append(ref)
-            continue
-        n = _n_frequency(cfg, m["module"])
+    ad, groups = index(adir, reader, cfg, weight, "FOURIERFT", _KEY)
+    for module, parts in groups.items():
+        ref, n = parts["fourierft_spectrum"], _n_frequency(cfg, module)
         if tuple(ref.shape) != (n,) or ref.dtype not in ("F16", "BF16", "F32", "F64"):
             raise AdapterError(
-                f"{wfile}: {ref.name} {ref.dtype} {list(ref.shape)} is not the [{n}] float spectrum the config's "
-                "n_frequency / n_frequency_pattern give this module",
+                f"{ad.weights_file}: {ref.name} {ref.dtype} {list(ref.shape)} is not the [{n}] float spectrum the "
+                "config's n_frequency / n_frequency_pattern give this module",
                 hint="the config does not belong to these weights",
             )
-        ad.others[m["module"]] = FourierModule(m["module"], ref, seed, scaling, weight, ad.path)
-    for target, kinds in spellings.items():
-        resolve_saved_layer(ad, target, kinds)
+        ad.others[module] = FourierModule(module, ref, seed, scaling, weight, ad.path)
     return ad

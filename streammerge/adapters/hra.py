@@ -4,18 +4,18 @@ product (or ``I - 2 U U^T`` of the orthonormalised columns with ``apply_GS``), i
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..source import Reader, TensorRef, read_json
+from ..source import Reader, TensorRef
 from ..tuner_updates import Rotate
 from .lora_config import CONFIG_NAME
-from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter
+from .typed import floating, index, read_config
 
-_KEY = re.compile(r"^(?P<module>.+?)\.hra_u(?:\.[^.]+)?$")
+_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>hra_u)(?:\.[^.]+)?$")
 
 
 @dataclass(frozen=True)
@@ -43,28 +43,12 @@ class HraModule:
 
 def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index an HRA adapter directory: the reflections per module and the saved full layers."""
-    where = adir / CONFIG_NAME
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight != 1:
-        raise AdapterError(
-            f"{adir}: an HRA adapter cannot be merged with a weight ({weight!r}): it rotates the weights",
-            hint="pass the adapter without :WEIGHT",
-        )
-    cfg = read_json(where, CONFIG_NAME, AdapterError)
+    cfg = read_config(adir, weight, fixed="an HRA adapter cannot be merged with a weight: it rotates the weights")
     gs = cfg.get("apply_GS", False)
     if not isinstance(gs, bool):
-        raise AdapterError(f"{where}: 'apply_GS' must be true or false, found {gs!r}")
-    wfile, refs = load_typed_weights(adir, reader, "HRA")
-    ad = Adapter(str(adir), wfile, 1.0, cfg, tensors=refs)
-    spellings: dict[str, dict[str, list[TensorRef]]] = {}
-    for name, ref in refs.items():
-        m = _KEY.match(normalize(name))
-        if m is None:
-            kind, target = saved_layer(normalize(name))
-            spellings.setdefault(target, {}).setdefault(kind, []).append(ref)
-        else:
-            if ref.dtype not in ("F16", "BF16", "F32", "F64"):
-                raise AdapterError(f"{wfile}: {ref.name} has dtype {ref.dtype}; hra_u is floating point")
-            ad.others[m["module"]] = HraModule(m["module"], ref, gs, ad.path)
-    for target, kinds in spellings.items():
-        resolve_saved_layer(ad, target, kinds)
+        raise AdapterError(f"{adir / CONFIG_NAME}: 'apply_GS' must be true or false, found {gs!r}")
+    ad, groups = index(adir, reader, cfg, 1.0, "HRA", _KEY)
+    for module, parts in groups.items():
+        floating(ad, parts["hra_u"])
+        ad.others[module] = HraModule(module, parts["hra_u"], gs, ad.path)
     return ad

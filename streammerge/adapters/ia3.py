@@ -6,19 +6,19 @@ merge is ``W * l`` in fp32 rounded once (transposed for GPT-2's ``Conv1D``, whos
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..source import Reader, TensorRef, read_json
+from ..source import Reader, TensorRef
 from ..tuner_updates import Scale
 from ..updates import Update
 from .lora_config import CONFIG_NAME
-from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter
+from .typed import floating, index, read_config
 
-_IA3_KEY = re.compile(r"^(?P<module>.+?)\.ia3_l(?:\.(?P<name>[^.]+))?$")
+_IA3_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>ia3_l)(?:\.[^.]+)?$")
 
 
 @dataclass(frozen=True)
@@ -83,30 +83,11 @@ def _check_config(cfg: dict, where: Path) -> None:
 
 def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index an IA3 adapter directory: its vectors per module and its saved full layers."""
-    where = adir / CONFIG_NAME
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight != 1:
-        raise AdapterError(
-            f"{adir}: an IA3 adapter cannot be merged with a weight ({weight!r}): its vectors multiply the "
-            "weights, so a weighted sum has no meaning",
-            hint="pass the adapter without :WEIGHT",
-        )
-    cfg = read_json(where, CONFIG_NAME, AdapterError)
-    _check_config(cfg, where)
-    wfile, refs = load_typed_weights(adir, reader, "IA3")
-    ad = Adapter(str(adir), wfile, 1.0, cfg, tensors=refs)
-    spellings: dict[str, dict[str, list[TensorRef]]] = {}
-    for key, ref in refs.items():
-        m = _IA3_KEY.match(normalize(key))
-        if m is None:
-            kind, name = saved_layer(normalize(key))
-            spellings.setdefault(name, {}).setdefault(kind, []).append(ref)
-        elif m["module"] in ad.others:
-            raise AdapterError(f"{wfile}: module {m['module']!r} has two ia3_l tensors", hint="save each adapter alone")
-        else:
-            if ref.dtype not in ("F16", "BF16", "F32", "F64"):
-                raise AdapterError(f"{wfile}: {ref.name} has dtype {ref.dtype}; IA3 vectors must be floating point")
-            ff = _feedforward(cfg.get("feedforward_modules"), m["module"])
-            ad.others[m["module"]] = ScaleModule(m["module"], ref, ff)
-    for name, kinds in spellings.items():
-        resolve_saved_layer(ad, name, kinds)
+    why = "an IA3 adapter cannot be merged with a weight: its vectors multiply the weights (no weighted sum)"
+    cfg = read_config(adir, weight, fixed=why)
+    _check_config(cfg, adir / CONFIG_NAME)
+    ad, groups = index(adir, reader, cfg, 1.0, "IA3", _IA3_KEY)
+    for module, parts in groups.items():
+        floating(ad, parts["ia3_l"])
+        ad.others[module] = ScaleModule(module, parts["ia3_l"], _feedforward(cfg.get("feedforward_modules"), module))
     return ad

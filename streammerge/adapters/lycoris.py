@@ -6,16 +6,16 @@ layer a language model checkpoint holds as a 2-D weight). The conv-only CP facto
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..source import Reader, TensorRef, read_json
+from ..source import Reader, TensorRef
 from ..tuner_updates import Hadamard, Kron
 from .lora_config import CONFIG_NAME, check_numbers
-from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter
+from .typed import index, read_config, require
 
 PARTS = {
     "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
@@ -81,26 +81,11 @@ def _misfit(where: str, module: str, shape, r: int, bad: list[str]) -> AdapterEr
 
 def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index a LoHa or LoKr adapter directory: its factors per module and its saved full layers."""
-    where = adir / CONFIG_NAME
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise AdapterError(f"{adir}: adapter weight {weight!r} is not a finite number")
-    cfg = read_json(where, CONFIG_NAME, AdapterError)
+    cfg = read_config(adir, weight)
     ptype = str(cfg.get("peft_type", "")).upper()
-    check_numbers(cfg, where)
-    wfile, refs = load_typed_weights(adir, reader, ptype)
-    ad = Adapter(str(adir), wfile, weight, cfg, tensors=refs)
+    check_numbers(cfg, adir / CONFIG_NAME)
     key = re.compile(rf"^(?P<module>.+?)\.(?P<part>{'|'.join(PARTS[ptype])})(?:\.[^.]+)?$")
-    groups: dict[str, dict[str, TensorRef]] = {}
-    spellings: dict[str, dict[str, list[TensorRef]]] = {}
-    for name, ref in refs.items():
-        m = key.match(normalize(name))
-        if m is None:
-            kind, target = saved_layer(normalize(name))
-            spellings.setdefault(target, {}).setdefault(kind, []).append(ref)
-        else:
-            groups.setdefault(m["module"], {})[m["part"]] = ref
-    for target, kinds in spellings.items():
-        resolve_saved_layer(ad, target, kinds)
+    ad, groups = index(adir, reader, cfg, weight, ptype, key)
     for module, parts in groups.items():
         ad.others[module] = _module(ad, ptype, module, parts)
     return ad
@@ -114,9 +99,7 @@ def _module(ad: Adapter, ptype: str, module: str, parts: dict[str, TensorRef]) -
     if ptype == "LOKR":
         need = [("lokr_w1",) if "lokr_w1" in parts else ("lokr_w1_a", "lokr_w1_b")]
         need.append(("lokr_w2",) if "lokr_w2" in parts else ("lokr_w2_a", "lokr_w2_b"))
-    missing = [k for group in need for k in group if k not in parts]
-    if missing:
-        raise AdapterError(f"{wfile}: module {module!r} lacks {', '.join(missing)}", hint="the file is incomplete")
+    require(ad, module, parts, [k for group in need for k in group])
     for t in parts.values():
         if t.dtype not in ("F16", "BF16", "F32", "F64") or len(t.shape) != 2:
             raise AdapterError(f"{wfile}: {t.name} {t.dtype} {list(t.shape)}: factors must be 2-D floating point")

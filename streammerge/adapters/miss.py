@@ -5,18 +5,18 @@ multiplies blocks of the weight itself, is refused by name."""
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..source import Reader, TensorRef, read_json
+from ..source import Reader, TensorRef
 from ..tuner_updates import Tiled
 from .lora_config import CONFIG_NAME
-from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter
+from .typed import floating, index, read_config
 
-_KEY = re.compile(r"^(?P<module>.+?)\.miss_block(?:\.[^.]+)?$")
+_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>miss_block)(?:\.[^.]+)?$")
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,7 @@ class MissModule:
 def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index a MiSS adapter directory: the blocks per module and the saved full layers."""
     where = adir / CONFIG_NAME
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise AdapterError(f"{adir}: adapter weight {weight!r} is not a finite number")
-    cfg = read_json(where, CONFIG_NAME, AdapterError)
+    cfg = read_config(adir, weight)
     form = cfg.get("init_weights", True)
     if form == "bat":
         raise AdapterError(
@@ -62,18 +60,8 @@ def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     mini_r = cfg.get("mini_r") if form == "mini" else None
     if form == "mini" and (isinstance(mini_r, bool) or not isinstance(mini_r, int) or mini_r <= 0):
         raise AdapterError(f"{where}: init_weights 'mini' needs a positive integer 'mini_r', found {mini_r!r}")
-    wfile, refs = load_typed_weights(adir, reader, "MISS")
-    ad = Adapter(str(adir), wfile, weight, cfg, tensors=refs)
-    spellings: dict[str, dict[str, list[TensorRef]]] = {}
-    for name, ref in refs.items():
-        m = _KEY.match(normalize(name))
-        if m is None:
-            kind, target = saved_layer(normalize(name))
-            spellings.setdefault(target, {}).setdefault(kind, []).append(ref)
-        elif ref.dtype not in ("F16", "BF16", "F32", "F64"):
-            raise AdapterError(f"{wfile}: {ref.name} has dtype {ref.dtype}; miss_block is floating point")
-        else:
-            ad.others[m["module"]] = MissModule(m["module"], ref, mini_r, weight, ad.path)
-    for target, kinds in spellings.items():
-        resolve_saved_layer(ad, target, kinds)
+    ad, groups = index(adir, reader, cfg, weight, "MISS", _KEY)
+    for module, parts in groups.items():
+        floating(ad, parts["miss_block"])
+        ad.others[module] = MissModule(module, parts["miss_block"], mini_r, weight, ad.path)
     return ad

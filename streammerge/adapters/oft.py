@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..source import Reader, TensorRef, read_json
+from ..source import Reader, TensorRef
 from ..tuner_updates import Orthogonal
 from .lora_config import CONFIG_NAME
-from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter
+from .typed import floating, index, read_config
 
-_KEY = re.compile(r"^(?P<module>.+?)\.oft_R(?:\.(?!weight$)[^.]+)?\.weight$")
+_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>oft_R)(?:\.(?!weight$)[^.]+)?\.weight$")
 
 
 @dataclass(frozen=True)
@@ -63,26 +64,10 @@ def _options(cfg: dict, where: Path) -> tuple:
 
 def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index an OFT adapter directory: the rotation blocks per module and the saved full layers."""
-    where = adir / CONFIG_NAME
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight != 1:
-        raise AdapterError(
-            f"{adir}: an OFT adapter cannot be merged with a weight ({weight!r}): it rotates the weights",
-            hint="pass the adapter without :WEIGHT",
-        )
-    cfg = read_json(where, CONFIG_NAME, AdapterError)
-    options = _options(cfg, where)
-    wfile, refs = load_typed_weights(adir, reader, "OFT")
-    ad = Adapter(str(adir), wfile, 1.0, cfg, tensors=refs)
-    spellings: dict[str, dict[str, list[TensorRef]]] = {}
-    for name, ref in refs.items():
-        m = _KEY.match(normalize(name))
-        if m is None:
-            kind, target = saved_layer(normalize(name))
-            spellings.setdefault(target, {}).setdefault(kind, []).append(ref)
-        elif ref.dtype not in ("F16", "BF16", "F32", "F64"):
-            raise AdapterError(f"{wfile}: {ref.name} has dtype {ref.dtype}; oft_R is floating point")
-        else:
-            ad.others[m["module"]] = OftModule(m["module"], ref, options, ad.path)
-    for target, kinds in spellings.items():
-        resolve_saved_layer(ad, target, kinds)
+    cfg = read_config(adir, weight, fixed="an OFT adapter cannot be merged with a weight: it rotates the weights")
+    options = _options(cfg, adir / CONFIG_NAME)
+    ad, groups = index(adir, reader, cfg, 1.0, "OFT", _KEY)
+    for module, parts in groups.items():
+        floating(ad, parts["oft_R"])
+        ad.others[module] = OftModule(module, parts["oft_R"], options, ad.path)
     return ad

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..source import Reader, TensorRef, read_json
+from ..source import Reader, TensorRef
 from ..tuner_updates import RandLora
 from .lora_config import CONFIG_NAME
-from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter
+from .typed import index, read_config, require
 
 _KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>randlora_lambda|randlora_gamma|randlora_A|randlora_B)(?:\.[^.]+)?$")
 SHARED = ("base_model.randlora_A", "base_model.randlora_B")
@@ -58,9 +59,7 @@ class RandLoraModule:
 def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index a RandLoRA adapter directory: the shared bases, the scales per module, saved full layers."""
     where = adir / CONFIG_NAME
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise AdapterError(f"{adir}: adapter weight {weight!r} is not a finite number")
-    cfg = read_json(where, CONFIG_NAME, AdapterError)
+    cfg = read_config(adir, weight)
     if cfg.get("save_projection", True) is not True:
         raise AdapterError(
             f"{where}: save_projection is false: the shared randlora_A / randlora_B bases are not in the file",
@@ -71,34 +70,21 @@ def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
         raise AdapterError(f"{where}: 'r' must be a positive integer, found {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise AdapterError(f"{where}: 'randlora_alpha' must be a finite number, found {alpha!r}")
-    wfile, refs = load_typed_weights(adir, reader, "RANDLORA")
-    if any(refs.get(k) is None for k in SHARED):
-        raise AdapterError(f"{wfile}: the shared bases {', '.join(SHARED)} are missing")
-    a, b = (refs[k] for k in SHARED)
+    ad, groups = index(adir, reader, cfg, weight, "RANDLORA", _KEY, skip=SHARED)
+    a, b = require(ad, "base_model", {k: ad.tensors[k] for k in SHARED if k in ad.tensors}, SHARED)
     if len(a.shape) != 3 or len(b.shape) != 3 or a.shape[0] != b.shape[2] or a.shape[1] not in (1, b.shape[1]):
-        raise AdapterError(f"{wfile}: randlora_A {list(a.shape)} and randlora_B {list(b.shape)} do not pair up")
-    ad = Adapter(str(adir), wfile, weight, cfg, tensors=refs)
-    groups: dict[str, dict[str, TensorRef]] = {}
-    spellings: dict[str, dict[str, list[TensorRef]]] = {}
-    for name, ref in refs.items():
-        m = _KEY.match(normalize(name))
-        if name in SHARED:
-            continue
-        if m is None:
-            kind, target = saved_layer(normalize(name))
-            spellings.setdefault(target, {}).setdefault(kind, []).append(ref)
-        elif m["part"] in ("randlora_A", "randlora_B"):  # PEFT saves each module's view of the shared bases too
-            shared = refs[f"base_model.{m['part']}"]
-            if ref.shape != shared.shape:
-                raise AdapterError(f"{wfile}: {name} {list(ref.shape)} is not the shared {list(shared.shape)}")
-            ad.superseded[name] = shared.name
-        else:
-            groups.setdefault(m["module"], {})[m["part"]] = ref
-    for target, kinds in spellings.items():
-        resolve_saved_layer(ad, target, kinds)
+        raise AdapterError(
+            f"{ad.weights_file}: randlora_A {list(a.shape)} and randlora_B {list(b.shape)} do not pair up"
+        )
     for module, parts in groups.items():
-        if set(parts) != {"randlora_lambda", "randlora_gamma"}:
-            raise AdapterError(f"{wfile}: module {module!r} lacks one of randlora_lambda / randlora_gamma")
-        lam, gamma = parts["randlora_lambda"], parts["randlora_gamma"]
+        for view, shared in (("randlora_A", a), ("randlora_B", b)):  # PEFT saves each module's view of the bases too
+            ref = parts.pop(view, None)
+            if ref is not None and ref.shape != shared.shape:
+                raise AdapterError(
+                    f"{ad.weights_file}: {ref.name} {list(ref.shape)} is not the shared {list(shared.shape)}"
+                )
+            if ref is not None:
+                ad.superseded[ref.name] = shared.name
+        lam, gamma = require(ad, module, parts, ("randlora_lambda", "randlora_gamma"))
         ad.others[module] = RandLoraModule(module, a, b, lam, gamma, alpha / r, weight, ad.path)
     return ad

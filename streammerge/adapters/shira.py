@@ -4,16 +4,15 @@ scale) to the dense weight, on ``nn.Linear`` layers."""
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..source import Reader, TensorRef, read_json
+from ..source import Reader, TensorRef
 from ..tuner_updates import Sparse
-from .lora_config import CONFIG_NAME
-from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter
+from .typed import index, read_config, require
 
 _KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>shira_indices|shira_weight)(?:\.[^.]+)?$")
 _INTS = ("I8", "I16", "I32", "I64", "U8")
@@ -47,27 +46,13 @@ class SparseModule:
 
 def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index a SHiRA adapter directory: the sparse entries per module and the saved full layers."""
-    where = adir / CONFIG_NAME
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise AdapterError(f"{adir}: adapter weight {weight!r} is not a finite number")
-    cfg = read_json(where, CONFIG_NAME, AdapterError)
-    wfile, refs = load_typed_weights(adir, reader, "SHIRA")
-    ad = Adapter(str(adir), wfile, weight, cfg, tensors=refs)
-    groups: dict[str, dict[str, TensorRef]] = {}
-    spellings: dict[str, dict[str, list[TensorRef]]] = {}
-    for name, ref in refs.items():
-        m = _KEY.match(normalize(name))
-        if m is None:
-            kind, target = saved_layer(normalize(name))
-            spellings.setdefault(target, {}).setdefault(kind, []).append(ref)
-        else:
-            groups.setdefault(m["module"], {})[m["part"]] = ref
-    for target, kinds in spellings.items():
-        resolve_saved_layer(ad, target, kinds)
+    cfg = read_config(adir, weight)
+    ad, groups = index(adir, reader, cfg, weight, "SHIRA", _KEY)
     for module, parts in groups.items():
-        if set(parts) != {"shira_indices", "shira_weight"}:
-            raise AdapterError(f"{wfile}: module {module!r} lacks one of shira_indices / shira_weight")
-        if parts["shira_indices"].dtype not in _INTS or parts["shira_weight"].dtype not in ("F16", "BF16", "F32"):
-            raise AdapterError(f"{wfile}: module {module!r}: shira_indices must be integers, shira_weight floats")
-        ad.others[module] = SparseModule(module, parts["shira_indices"], parts["shira_weight"], weight, ad.path)
+        indices, values = require(ad, module, parts, ("shira_indices", "shira_weight"))
+        if indices.dtype not in _INTS or values.dtype not in ("F16", "BF16", "F32"):
+            raise AdapterError(
+                f"{ad.weights_file}: module {module!r}: shira_indices must be integers, shira_weight floats"
+            )
+        ad.others[module] = SparseModule(module, indices, values, weight, ad.path)
     return ad

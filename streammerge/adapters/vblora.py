@@ -6,16 +6,16 @@ vectors into ``A`` and ``B``; PEFT's merge adds ``transpose?(B @ A)``. An adapte
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..source import Reader, TensorRef, read_json
+from ..source import Reader, TensorRef
 from ..tuner_updates import VectorBank
 from .lora_config import CONFIG_NAME
-from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter
+from .typed import index, read_config, require
 
 _KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>vblora_logits_A|vblora_logits_B)(?:\.[^.]+)?$")
 BANK = "base_model.vblora_vector_bank"
@@ -56,9 +56,7 @@ class VbloraModule:
 def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index a VB-LoRA adapter directory: the vector bank, the logits per module, saved full layers."""
     where = adir / CONFIG_NAME
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise AdapterError(f"{adir}: adapter weight {weight!r} is not a finite number")
-    cfg = read_json(where, CONFIG_NAME, AdapterError)
+    cfg = read_config(adir, weight)
     if cfg.get("save_only_topk_weights"):
         raise AdapterError(
             f"{where}: save_only_topk_weights is set: the file keeps only each row's top-k logits, for "
@@ -68,27 +66,11 @@ def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     topk = cfg.get("topk", 2)
     if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
         raise AdapterError(f"{where}: 'topk' must be a positive integer, found {topk!r}")
-    wfile, refs = load_typed_weights(adir, reader, "VBLORA")
-    bank = refs.get(BANK)
+    ad, groups = index(adir, reader, cfg, weight, "VBLORA", _KEY, skip=(BANK,))
+    bank = ad.tensors.get(BANK)
     if bank is None or len(bank.shape) != 2:
-        raise AdapterError(f"{wfile}: the shared vector bank {BANK} [vectors, length] is missing")
-    ad = Adapter(str(adir), wfile, weight, cfg, tensors=refs)
-    groups: dict[str, dict[str, TensorRef]] = {}
-    spellings: dict[str, dict[str, list[TensorRef]]] = {}
-    for name, ref in refs.items():
-        m = _KEY.match(normalize(name))
-        if name == BANK:
-            continue
-        if m is None:
-            kind, target = saved_layer(normalize(name))
-            spellings.setdefault(target, {}).setdefault(kind, []).append(ref)
-        else:
-            groups.setdefault(m["module"], {})[m["part"]] = ref
-    for target, kinds in spellings.items():
-        resolve_saved_layer(ad, target, kinds)
+        raise AdapterError(f"{ad.weights_file}: the shared vector bank {BANK} [vectors, length] is missing")
     for module, parts in groups.items():
-        if set(parts) != {"vblora_logits_A", "vblora_logits_B"}:
-            raise AdapterError(f"{wfile}: module {module!r} lacks one of vblora_logits_A / vblora_logits_B")
-        la, lb = parts["vblora_logits_A"], parts["vblora_logits_B"]
+        la, lb = require(ad, module, parts, ("vblora_logits_A", "vblora_logits_B"))
         ad.others[module] = VbloraModule(module, la, lb, bank, topk, weight, ad.path)
     return ad

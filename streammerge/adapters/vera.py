@@ -6,16 +6,16 @@ layer two scaling vectors (``vera_lambda_b`` [out], ``vera_lambda_d`` [r]); PEFT
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..source import Reader, TensorRef, read_json
+from ..source import Reader, TensorRef
 from ..tuner_updates import VeraDelta
 from .lora_config import CONFIG_NAME
-from .peft_lora import Adapter, load_typed_weights, normalize, resolve_saved_layer, saved_layer
+from .peft_lora import Adapter
+from .typed import index, read_config, require
 
 _KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>vera_lambda_b|vera_lambda_d)(?:\.[^.]+)?$")
 SHARED = ("base_model.vera_A", "base_model.vera_B")
@@ -54,38 +54,20 @@ class VeraModule:
 
 def load_adapter(adir: Path, reader: Reader, weight: float = 1.0) -> Adapter:
     """Index a VeRA adapter directory: the shared projections, the vectors per module, saved full layers."""
-    where = adir / CONFIG_NAME
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise AdapterError(f"{adir}: adapter weight {weight!r} is not a finite number")
-    cfg = read_json(where, CONFIG_NAME, AdapterError)
+    cfg = read_config(adir, weight)
     if cfg.get("save_projection", True) is not True:
         raise AdapterError(
-            f"{where}: save_projection is false: the shared vera_A / vera_B projections are not in the file",
+            f"{adir / CONFIG_NAME}: save_projection is false: the shared vera_A / vera_B projections are not in the "
+            "file",
             hint="save the adapter again with VeraConfig(save_projection=True) (PEFT's default)",
         )
-    wfile, refs = load_typed_weights(adir, reader, "VERA")
-    shared = {k: refs.get(k) for k in SHARED}
-    if None in shared.values():
-        raise AdapterError(f"{wfile}: the shared projections {', '.join(SHARED)} are missing")
-    a, b = shared.values()
+    ad, groups = index(adir, reader, cfg, weight, "VERA", _KEY, skip=SHARED)
+    a, b = require(ad, "base_model", {k: ad.tensors[k] for k in SHARED if k in ad.tensors}, SHARED)
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
-        raise AdapterError(f"{wfile}: vera_A {list(a.shape)} and vera_B {list(b.shape)} must be [r, in] and [out, r]")
-    ad = Adapter(str(adir), wfile, weight, cfg, tensors=refs)
-    groups: dict[str, dict[str, TensorRef]] = {}
-    spellings: dict[str, dict[str, list[TensorRef]]] = {}
-    for name, ref in refs.items():
-        m = _KEY.match(normalize(name))
-        if name in SHARED:
-            continue
-        if m is None:
-            kind, target = saved_layer(normalize(name))
-            spellings.setdefault(target, {}).setdefault(kind, []).append(ref)
-        else:
-            groups.setdefault(m["module"], {})[m["part"]] = ref
-    for target, kinds in spellings.items():
-        resolve_saved_layer(ad, target, kinds)
+        raise AdapterError(
+            f"{ad.weights_file}: vera_A {list(a.shape)} and vera_B {list(b.shape)} must be [r, in] and [out, r]"
+        )
     for module, parts in groups.items():
-        if set(parts) != {"vera_lambda_b", "vera_lambda_d"}:
-            raise AdapterError(f"{wfile}: module {module!r} lacks one of vera_lambda_b / vera_lambda_d")
-        ad.others[module] = VeraModule(module, a, b, parts["vera_lambda_b"], parts["vera_lambda_d"], weight, ad.path)
+        lam_b, lam_d = require(ad, module, parts, ("vera_lambda_b", "vera_lambda_d"))
+        ad.others[module] = VeraModule(module, a, b, lam_b, lam_d, weight, ad.path)
     return ad
